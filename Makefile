@@ -1,0 +1,33 @@
+# The two commands: `make demo` and `make test`. Each sets itself up from nothing on Debian 12 as root.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench bless lint setup clean
+
+$(STAMP): pyproject.toml
+	@command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv python3-pip >/dev/null)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	@$(PY) -m controller.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+	$(VENV)/bin/lint-imports
+
+bench: $(STAMP)
+	$(PY) bench/compile.py
+
+bless: $(STAMP)
+	VMFLOW_BLESS=1 $(PY) -m pytest -q tests/test_golden.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
