@@ -1,0 +1,256 @@
+"""The whole pipeline: find a program's files, then parse -> resolve -> build the graph -> validate.
+
+A `Compiler` is a session. It remembers each file's parse and per-file checks under the hash of its
+content (and of the image catalog), so compiling a program again after one file changed re-reads that file
+only; linking and the graph are rebuilt from cached pieces. Stages stop at the first one with errors so that
+one mistake does not cascade into many.
+
+Where a program finds its image schemas, first match winning on a duplicate id:
+  1. the `images/` folder inside the program's directory,
+  2. folders given with `--images DIR` (in order),
+  3. folders in the `VMFLOW_IMAGES` environment variable (separated by `:`),
+  4. the catalog shipped with vmflow (`specs/images/`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compiler import ast as A
+from compiler import model as M
+from compiler import parser, resolve, validate
+from compiler.diagnostics import Diagnostic, error, has_errors, sort
+from compiler.graph import FlowGraph, build
+from compiler.images import Catalog, load_catalog
+from compiler.source import SourceSet
+
+BUILTIN_IMAGES = Path(__file__).resolve().parent.parent / "specs" / "images"
+EXTENSION = ".flow"
+
+
+@dataclass
+class Compilation:
+    """The result of compiling one program: everything built, and every diagnostic, sorted."""
+
+    root: str
+    files: list[str]
+    sources: SourceSet
+    diagnostics: list[Diagnostic]
+    program: M.Program | None = None
+    graph: FlowGraph | None = None
+    catalog: Catalog | None = None
+    lines: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not has_errors(self.diagnostics)
+
+
+@dataclass
+class _Entry:
+    """What the cache keeps for one file version."""
+
+    ast: A.FileAst | None
+    diagnostics: list[Diagnostic]
+    unit: resolve.FileUnit | None = None
+    checked: dict[str, list[Diagnostic]] = field(default_factory=dict)  # catalog fingerprint -> diagnostics
+
+
+def image_dirs(program_dir: Path, extra: list[Path] | tuple = ()) -> list[Path]:
+    dirs = [program_dir / "images", *extra]
+    env = os.environ.get("VMFLOW_IMAGES", "")
+    dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs.append(BUILTIN_IMAGES)
+    return dirs
+
+
+def discover(paths: list[Path]) -> tuple[list[Path], list[Diagnostic]]:
+    """Each directory holding `.flow` files is one program; a file given alone is a program of its own."""
+    programs: list[Path] = []
+    diags = []
+    for p in paths:
+        if p.is_file():
+            programs.append(p)
+        elif p.is_dir():
+            found = sorted({f.parent for f in _walk(p)})
+            if not found:
+                diags.append(error("F212", f"no `{EXTENSION}` files in `{p}`", None))
+            programs.extend(found)
+        else:
+            diags.append(error("F212", f"`{p}` does not exist", None))
+    return programs, diags
+
+
+def _walk(root: Path):
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in ("node_modules", "__pycache__"))
+        for f in sorted(filenames):
+            if f.endswith(EXTENSION):
+                yield Path(dirpath) / f
+
+
+def _display(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # pragma: no cover - another drive on Windows
+        return str(path)
+
+
+class Compiler:
+    def __init__(self, images: list[Path] | tuple = ()) -> None:
+        self.extra_images = list(images)
+        self._cache: dict[tuple[str, str], _Entry] = {}
+        self._catalogs: dict[tuple, tuple[Catalog, list[Diagnostic], SourceSet]] = {}
+
+    # -- files
+    def _entry(self, name: str, data: bytes, sources: SourceSet) -> _Entry:
+        key = (name, hashlib.blake2b(data, digest_size=16).hexdigest())
+        entry = self._cache.get(key)
+        text, diags = parser.decode(name, data)
+        if text is None:
+            sources.add(name, data.decode("utf-8", errors="replace"))
+            return _Entry(None, diags)
+        sources.add(name, text)
+        if entry is None:
+            ast, diags = parser.parse(name, text)
+            entry = _Entry(ast, diags)
+            if ast is not None:
+                entry.unit = resolve.lower_file(ast)
+            self._cache[key] = entry
+        return entry
+
+    def catalog(self, program_dir: Path) -> tuple[Catalog, list[Diagnostic], SourceSet]:
+        dirs = image_dirs(program_dir, self.extra_images)
+        key = tuple((str(d), _dir_stamp(d)) for d in dirs)
+        cached = self._catalogs.get(key)
+        if cached is None:
+            sources = SourceSet()
+            cat, diags = load_catalog([d for d in dirs], sources)
+            cached = self._catalogs[key] = (cat, diags, sources)
+        return cached
+
+    # -- programs
+    def compile_path(self, path: Path, root: Path | None = None) -> Compilation:
+        """Compile the program at `path` (a directory, or one file). Imports may not leave `root`."""
+        path = path.resolve() if path.exists() else path
+        root = (root or (path if path.is_dir() else path.parent)).resolve()
+        files = sorted(path.glob(f"*{EXTENSION}")) if path.is_dir() else [path]
+        contents: dict[str, bytes] = {}
+        diags: list[Diagnostic] = []
+        queue = list(files)
+        seen: set[Path] = set()
+        while queue:
+            f = queue.pop(0)
+            if f in seen:
+                continue
+            seen.add(f)
+            try:
+                data = f.read_bytes()
+            except OSError as e:
+                diags.append(error("F212", f"cannot read `{_display(f)}`: {e.strerror}", None))
+                continue
+            contents[_display(f)] = data
+        program_dir = path if path.is_dir() else path.parent
+        return self.compile_files(contents, program_dir, root, diags)
+
+    def compile_files(self, contents: dict[str, bytes], program_dir: Path, root: Path,
+                      diags: list[Diagnostic] | None = None) -> Compilation:
+        sources = SourceSet()
+        diags = list(diags or [])
+        entries: dict[str, _Entry] = {}
+        pending = list(contents.items())
+        while pending:
+            name, data = pending.pop(0)
+            if name in entries:
+                continue
+            entry = entries[name] = self._entry(name, data, sources)
+            diags.extend(entry.diagnostics)
+            if entry.unit is None:
+                continue
+            for imp in entry.unit.imports:
+                for target, tdata in self._imports(name, imp, root, diags):
+                    if target not in entries and target not in contents:
+                        pending.append((target, tdata))
+        lines = sum(s.text.count("\n") + 1 for s in sources.values())
+        comp = Compilation(str(program_dir), sorted(entries), sources, diags, lines=lines)
+        if has_errors(diags):
+            comp.diagnostics = sort(diags)
+            return comp
+        units = [e.unit for e in entries.values() if e.unit is not None]
+        for u in units:
+            diags.extend(u.diagnostics)
+        program, link_diags = resolve.link(units)
+        diags.extend(link_diags)
+        if has_errors(diags):
+            comp.diagnostics = sort(diags)
+            return comp
+        catalog, cat_diags, cat_sources = self.catalog(program_dir)
+        sources.update(cat_sources)
+        diags.extend(cat_diags)
+        comp.catalog = catalog
+        # Per-file checks are cached with the catalog they ran against; template instances and the
+        # checks across blocks run every time.
+        fp = catalog.fingerprint
+        file_blocks = set()
+        for e in entries.values():
+            if e.unit is None:
+                continue
+            if fp not in e.checked:
+                vd: list[Diagnostic] = []
+                for vm in e.unit.vms:
+                    vd.extend(validate.check_vm(vm, catalog))
+                for ch in e.unit.chains:
+                    vd.extend(validate.check_chain(ch, catalog))
+                e.checked = {fp: vd}
+            diags.extend(e.checked[fp])
+            file_blocks.update(id(v) for v in e.unit.vms)
+            file_blocks.update(id(c) for c in e.unit.chains)
+        for vm in program.vms.values():
+            if id(vm) not in file_blocks:
+                diags.extend(validate.check_vm(vm, catalog))
+        for ch in program.chains.values():
+            if id(ch) not in file_blocks:
+                diags.extend(validate.check_chain(ch, catalog))
+        diags.extend(validate.check_program(program, catalog))
+        comp.program = program
+        comp.graph = build(program)
+        comp.diagnostics = sort(diags)
+        return comp
+
+    def _imports(self, importer: str, imp: A.Import, root: Path, diags: list[Diagnostic]):
+        base = Path(importer).resolve().parent
+        raw = imp.path.value
+        target = (base / raw).resolve()
+        if "\x00" in raw or not raw:
+            diags.append(error("F212", "empty or invalid import path", imp.path.span, label="bad path"))
+            return
+        if not target.is_relative_to(root):
+            diags.append(error("F212", f"import `{raw}` leaves the program's root `{_display(root)}`",
+                               imp.path.span, label="outside the root",
+                               help="imports may only name files and folders inside the repository"))
+            return
+        if target.is_dir():
+            files = sorted(target.glob(f"*{EXTENSION}"))
+        elif target.is_file():
+            files = [target]
+        else:
+            diags.append(error("F212", f"import `{raw}` not found", imp.path.span, label="no such file or folder"))
+            return
+        for f in files:
+            try:
+                yield _display(f), f.read_bytes()
+            except OSError as e:
+                diags.append(error("F212", f"cannot read `{_display(f)}`: {e.strerror}", imp.path.span))
+
+
+def _dir_stamp(d: Path) -> tuple:
+    """Changes when any schema file in the folder changes (name, size, mtime)."""
+    try:
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in d.iterdir()
+                            if p.suffix in (".yaml", ".yml")))
+    except OSError:
+        return ()
+

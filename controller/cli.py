@@ -1,0 +1,382 @@
+"""The `vmflow` command line: thin commands, one library call each.
+
+This is the only place diagnostics become exit codes and messages:
+  0  success (valid program, nothing to change)
+  1  the input has errors (diagnostics were printed), or a command failed
+  64 the command line itself is wrong (unknown option, missing argument)
+  70 an internal error in vmflow (a bug: please report it with the input)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from compiler import render
+from compiler.diagnostics import has_errors, sort
+from compiler.source import SourceSet
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 64, 70
+FORMATS = ("human", "plain", "json", "github")
+
+
+def _colour(no_color: bool) -> bool:
+    return not no_color and "NO_COLOR" not in os.environ and sys.stdout.isatty()
+
+
+def _images_option(f):
+    return click.option("--images", "images", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+                        help="Another folder of image schemas (repeatable). Searched after the program's own "
+                             "images/ folder and before VMFLOW_IMAGES and the built-in catalog.")(f)
+
+
+def _no_color_option(f):
+    return click.option("--no-color", is_flag=True, help="No ANSI colour (also when NO_COLOR is set).")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="vmflow")
+def cli() -> None:
+    """GitOps for virtual machines.
+
+    Teams commit `.flow` files to git; vmflow compiles them into a validated graph of pools, VMs, morph
+    rules, chains and reservations. Each directory holding `.flow` files is one program.
+
+    \b
+    Start here:
+      vmflow validate examples/          check every program under a folder
+      vmflow fmt --check .               is every file canonically formatted?
+      vmflow graph examples/web -f mermaid
+      vmflow explain F201                what a diagnostic code means
+
+    Exit codes: 0 ok, 1 errors found, 64 bad command line, 70 internal error.
+    """
+
+
+# ------------------------------------------------------------------------------------------ validate
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-f", "--format", "fmt", type=click.Choice(FORMATS), default="human", show_default=True,
+              help="human: framed with carets; plain: one line each; json: specs/formats.md; "
+                   "github: workflow annotations.")
+@click.option("--strict", is_flag=True, help="Warnings fail the check too.")
+@_images_option
+@_no_color_option
+def validate(paths: tuple[Path, ...], fmt: str, strict: bool, images: tuple[Path, ...], no_color: bool) -> None:
+    """Check programs: syntax, names, units, image schemas, bounds, capacity, chains.
+
+    PATHS are folders or files (default: the current folder). Every folder under a PATH that holds
+    `.flow` files is checked as one program. All problems are reported at once, sorted by file and line.
+
+    \b
+    Examples:
+      vmflow validate
+      vmflow validate examples/ --strict
+      vmflow validate infra/ --format github     # annotations on the PR diff
+    """
+    from compiler.program import Compiler, discover
+
+    programs, diags = discover(list(paths) or [Path(".")])
+    compiler = Compiler(images=list(images))
+    sources = SourceSet()
+    report = []
+    for p in programs:
+        comp = compiler.compile_path(p)
+        sources.update(comp.sources)
+        diags.extend(comp.diagnostics)
+        report.append((p, comp))
+    diags = sort(diags)
+    failed = has_errors(diags) or (strict and bool(diags))
+    out = render.render(fmt, diags, sources, _colour(no_color))
+    click.echo(out, nl=False)
+    if fmt == "human":
+        for p, comp in report:
+            mark = click.style("✗", fg="red") if not comp.ok else click.style("✓", fg="green")
+            if not _colour(no_color):
+                mark = "FAIL" if not comp.ok else "ok  "
+            click.echo(f"{mark} {_rel(p)}: {len(comp.files)} file{'s' if len(comp.files) != 1 else ''}, "
+                       f"{comp.lines:,} lines, {render.summary(comp.diagnostics)}")
+    elif fmt == "plain":
+        click.echo(f"{len(programs)} program{'s' if len(programs) != 1 else ''}: {render.summary(diags)}")
+    sys.exit(EXIT_ERROR if failed else EXIT_OK)
+
+
+def _rel(p: Path) -> str:
+    try:
+        return os.path.relpath(p)
+    except ValueError:  # pragma: no cover
+        return str(p)
+
+
+# ------------------------------------------------------------------------------------------ fmt
+
+
+@cli.command("fmt")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--check", is_flag=True, help="Change nothing; exit 1 when any file would change.")
+@click.option("--diff", "show_diff", is_flag=True, help="Print what would change as a unified diff.")
+@_no_color_option
+def fmt_cmd(paths: tuple[Path, ...], check: bool, show_diff: bool, no_color: bool) -> None:
+    """Rewrite `.flow` files in the canonical style, keeping every comment.
+
+    One fact a line, two-space indents, aligned `=` in runs of attributes. Formatting is idempotent:
+    formatting formatted text changes nothing. Files that do not parse are left untouched and reported.
+
+    \b
+    Examples:
+      vmflow fmt                  # format every .flow file under the current folder
+      vmflow fmt --check --diff   # in CI or pre-commit: fail and show what would change
+    """
+    import difflib
+
+    from compiler.fmt import format_source
+    from compiler.parser import decode
+    from compiler.program import _walk
+
+    files: list[Path] = []
+    for p in paths or (Path("."),):
+        if p.is_dir():
+            files.extend(_walk(p))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise click.UsageError(f"`{p}` does not exist")
+    changed, diags, sources = [], [], SourceSet()
+    for f in files:
+        name = _rel(f)
+        data = f.read_bytes()
+        text, d = decode(name, data)
+        if text is None:
+            diags.extend(d)
+            sources.add(name, data.decode("utf-8", errors="replace"))
+            continue
+        sources.add(name, text)
+        new, d = format_source(name, text)
+        if new is None:
+            diags.extend(d)
+            continue
+        if new != text:
+            changed.append(name)
+            if show_diff:
+                click.echo("".join(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
+                                                        f"a/{name}", f"b/{name}")), nl=False)
+            if not check:
+                f.write_text(new, encoding="utf-8")
+    if diags:
+        click.echo(render.render("human", sort(diags), sources, _colour(no_color)), nl=False, err=True)
+    verb = "would reformat" if check else "reformatted"
+    for name in changed:
+        click.echo(f"{verb} {name}", err=True)
+    click.echo(f"{len(files)} file{'s' if len(files) != 1 else ''}: {len(changed)} {verb}"
+               f"{f', {len(diags)} not parsed' if diags else ''}", err=True)
+    sys.exit(EXIT_ERROR if diags or (check and changed) else EXIT_OK)
+
+
+# ------------------------------------------------------------------------------------------ graph
+
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path(path_type=Path), default=Path("."))
+@click.option("-f", "--format", "fmt", type=click.Choice(("dot", "mermaid", "json")), default="dot",
+              show_default=True)
+@_images_option
+@_no_color_option
+def graph(path: Path, fmt: str, images: tuple[Path, ...], no_color: bool) -> None:
+    """Print a program's dependency and data-flow graph.
+
+    Nodes are addresses (`pool.rack1`, `vm.web`, `morph.web.grow`, `chain.c.step.s`); an edge runs from
+    what must exist or run first to what depends on it. Data edges are labelled with the data they carry.
+
+    \b
+    Examples:
+      vmflow graph examples/web | dot -Tsvg > web.svg
+      vmflow graph examples/image_processing -f json
+    """
+    from compiler.program import Compiler
+
+    if not path.exists():
+        raise click.UsageError(f"`{path}` does not exist")
+    comp = Compiler(images=list(images)).compile_path(path)
+    if not comp.ok:
+        click.echo(render.render("human", comp.diagnostics, comp.sources, _colour(no_color)), nl=False, err=True)
+        click.echo(f"error: the program does not validate: {render.summary(comp.diagnostics)}", err=True)
+        sys.exit(EXIT_ERROR)
+    if fmt == "json":
+        click.echo(json.dumps(comp.graph.to_json(), indent=2))
+    elif fmt == "mermaid":
+        click.echo(comp.graph.to_mermaid(), nl=False)
+    else:
+        click.echo(comp.graph.to_dot(), nl=False)
+
+
+# ------------------------------------------------------------------------------------------ explain
+
+
+@cli.command()
+@click.argument("code")
+def explain(code: str) -> None:
+    """Explain a diagnostic code: what it means, an example, and how to fix it.
+
+    \b
+    Example:
+      vmflow explain F303
+    """
+    from controller.docs import explain_code, known_codes
+
+    text = explain_code(code)
+    if text is None:
+        from compiler.diagnostics import did_you_mean
+
+        hint = did_you_mean(code.upper(), known_codes())
+        click.echo(f"error: no diagnostic code `{code}`" + (f"; {hint}" if hint else ""), err=True)
+        click.echo("the codes are listed in specs/diagnostics.md", err=True)
+        sys.exit(EXIT_ERROR)
+    click.echo(text)
+
+
+# ------------------------------------------------------------------------------------------ import
+
+
+@cli.group("import")
+def import_group() -> None:
+    """Bring definitions from other formats into `.flow`."""
+
+
+@import_group.command("workflow")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the .flow text here instead of standard output. An existing file is not overwritten "
+                   "unless --force is given.")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+@_no_color_option
+def import_workflow_cmd(file: Path, output: Path | None, force: bool, no_color: bool) -> None:
+    """Import a JSON workflow definition as a `.flow` chain.
+
+    Steps become `step` blocks (names in snake_case), `input_data`/`output_data` become `in`/`out`, and
+    `next_step` becomes edges. A `next_step` such as `image_resize` resolves to the step named
+    `ImageResize`; what cannot be resolved is reported with its place in the JSON.
+
+    \b
+    Example:
+      vmflow import workflow pipeline.json -o pipeline.flow
+    """
+    from compiler.workflow import import_workflow
+
+    name = _rel(file)
+    data = file.read_bytes()
+    text, diags = import_workflow(name, data)
+    sources = SourceSet()
+    sources.add(name, data.decode("utf-8", errors="replace"))
+    if diags:
+        click.echo(render.render("human", sort(diags), sources, _colour(no_color)), nl=False, err=True)
+    if text is None or has_errors(diags):
+        sys.exit(EXIT_ERROR)
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        if output.exists() and not force:
+            click.echo(f"error: `{output}` exists; pass --force to overwrite it", err=True)
+            sys.exit(EXIT_ERROR)
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+@cli.command()
+@click.option("--role", help="Only images with this workflow role (ingestion, transformation, inference, ...).")
+@click.option("-f", "--format", "fmt", type=click.Choice(("table", "json")), default="table", show_default=True)
+@click.option("--dir", "program_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="The program folder whose images/ folder is searched first.")
+@_images_option
+@_no_color_option
+def images(role: str | None, fmt: str, program_dir: Path, images: tuple[Path, ...], no_color: bool) -> None:
+    """List the image schemas a program can use.
+
+    \b
+    Examples:
+      vmflow images
+      vmflow images --role inference
+    """
+    from compiler.program import Compiler
+
+    catalog, diags, sources = Compiler(images=list(images)).catalog(program_dir.resolve())
+    if diags:
+        click.echo(render.render("human", sort(diags), sources, _colour(no_color)), nl=False, err=True)
+    found = catalog.with_role(role) if role else [catalog.get(i) for i in catalog.ids()]
+    if fmt == "json":
+        click.echo(json.dumps([_image_json(i) for i in found], indent=2))
+    else:
+        _image_table(found, _colour(no_color))
+    if role and not found:
+        click.echo(f"no image has the role `{role}`", err=True)
+    sys.exit(EXIT_ERROR if has_errors(diags) else EXIT_OK)
+
+
+def _image_json(i) -> dict:
+    from compiler.units import format_bytes
+
+    return {"id": i.id, "description": i.description, "os": i.os, "roles": list(i.roles),
+            "capabilities": sorted(i.capabilities), "cpu": [i.cpu_min, i.cpu_max],
+            "memory": [format_bytes(i.memory_min), format_bytes(i.memory_max)],
+            "inputs": [{"name": p.name, "type": p.type, "format": p.format} for p in i.inputs],
+            "outputs": [{"name": p.name, "type": p.type, "format": p.format} for p in i.outputs],
+            "file": i.path}
+
+
+def _image_table(found, colour: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from compiler.units import format_bytes
+
+    table = Table(box=None, pad_edge=False, header_style="bold" if colour else "")
+    for col in ("IMAGE", "ROLES", "CPU", "MEMORY", "CAPABILITIES", "IN", "OUT"):
+        table.add_column(col, overflow="fold")
+    for i in found:
+        table.add_row(i.id, ",".join(i.roles) or "-", f"{i.cpu_min}..{i.cpu_max}",
+                      f"{format_bytes(i.memory_min)}..{format_bytes(i.memory_max)}",
+                      ",".join(sorted(i.capabilities)) or "-",
+                      ",".join(p.name for p in i.inputs) or "-", ",".join(p.name for p in i.outputs) or "-")
+    Console(no_color=not colour, highlight=False, width=200 if not sys.stdout.isatty() else None).print(table)
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+def main() -> None:
+    try:
+        code = cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.UsageError as e:
+        e.show()
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(EXIT_ERROR)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(EXIT_OK)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback for users
+        if os.environ.get("VMFLOW_DEBUG"):
+            raise
+        click.echo(f"internal error: {type(e).__name__}: {e}\n"
+                   "this is a bug in vmflow; rerun with VMFLOW_DEBUG=1 for a traceback", err=True)
+        sys.exit(EXIT_INTERNAL)
+    sys.exit(code or EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()
