@@ -234,13 +234,16 @@ def _unescape(body: str) -> str:
 class _Parser:
     """One Lark instance and its transformer; comments are gathered by a lexer callback."""
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = False) -> None:
         self.transformer = _ToAst()
         self.comments: list = []
+        # strict=True checks every pair of terminals for collisions, which takes longer than a whole
+        # validate of a small program; tests/test_parser.py loads the grammar strictly, so the check
+        # still guards every change to the grammar without slowing every command.
         self.options = dict(
             parser="lalr",
             lexer="contextual",
-            strict=True,
+            strict=strict,
             maybe_placeholders=True,
             transformer=self.transformer,
             lexer_callbacks={"COMMENT": self.comments.append},

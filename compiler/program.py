@@ -14,8 +14,12 @@ Where a program finds its image schemas, first match winning on a duplicate id:
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +31,8 @@ from compiler.graph import FlowGraph, build
 from compiler.images import Catalog, load_catalog
 from compiler.source import SourceSet
 
+# Below this much new text, starting worker processes costs more than it saves.
+PARALLEL_MIN_BYTES = 512 * 1024
 BUILTIN_IMAGES = Path(__file__).resolve().parent.parent / "specs" / "images"
 EXTENSION = ".flow"
 
@@ -40,13 +46,21 @@ class Compilation:
     sources: SourceSet
     diagnostics: list[Diagnostic]
     program: M.Program | None = None
-    graph: FlowGraph | None = None
     catalog: Catalog | None = None
     lines: int = 0
+    _graph: FlowGraph | None = None
 
     @property
     def ok(self) -> bool:
         return not has_errors(self.diagnostics)
+
+    @property
+    def graph(self) -> FlowGraph | None:
+        """The FlowGraph, built on first use: the checks run on each chain's own small DAG, so
+        validating alone never pays for the whole graph. None when the program has errors."""
+        if self._graph is None and self.program is not None and self.ok:
+            self._graph = build(self.program)
+        return self._graph
 
 
 @dataclass
@@ -106,21 +120,26 @@ class Compiler:
         self._catalogs: dict[tuple, tuple[Catalog, list[Diagnostic], SourceSet]] = {}
 
     # -- files
-    def _entry(self, name: str, data: bytes, sources: SourceSet) -> _Entry:
-        key = (name, hashlib.blake2b(data, digest_size=16).hexdigest())
-        entry = self._cache.get(key)
-        text, diags = parser.decode(name, data)
-        if text is None:
-            sources.add(name, data.decode("utf-8", errors="replace"))
-            return _Entry(None, diags)
-        sources.add(name, text)
-        if entry is None:
-            ast, diags = parser.parse(name, text)
-            entry = _Entry(ast, diags)
-            if ast is not None:
-                entry.unit = resolve.lower_file(ast)
-            self._cache[key] = entry
-        return entry
+    def _entries(self, items: list[tuple[str, bytes]], sources: SourceSet) -> dict[str, _Entry]:
+        """Decode, parse and lower every file, from the cache where the content is unchanged."""
+        out: dict[str, _Entry] = {}
+        todo: list[tuple[tuple[str, str], str, str]] = []
+        for name, data in items:
+            key = (name, hashlib.blake2b(data, digest_size=16).hexdigest())
+            text, diags = parser.decode(name, data)
+            if text is None:
+                sources.add(name, data.decode("utf-8", errors="replace"))
+                out[name] = _Entry(None, diags)
+                continue
+            sources.add(name, text)
+            entry = self._cache.get(key)
+            if entry is None:
+                todo.append((key, name, text))
+            else:
+                out[name] = entry
+        for key, entry in _parse_all(todo):
+            self._cache[key] = out[key[0]] = entry
+        return out
 
     def catalog(self, program_dir: Path) -> tuple[Catalog, list[Diagnostic], SourceSet]:
         dirs = image_dirs(program_dir, self.extra_images)
@@ -158,22 +177,26 @@ class Compiler:
 
     def compile_files(self, contents: dict[str, bytes], program_dir: Path, root: Path,
                       diags: list[Diagnostic] | None = None) -> Compilation:
+        with _no_gc():
+            return self._compile(contents, program_dir, root, list(diags or []))
+
+    def _compile(self, contents: dict[str, bytes], program_dir: Path, root: Path,
+                 diags: list[Diagnostic]) -> Compilation:
         sources = SourceSet()
-        diags = list(diags or [])
         entries: dict[str, _Entry] = {}
-        pending = list(contents.items())
-        while pending:
-            name, data = pending.pop(0)
-            if name in entries:
-                continue
-            entry = entries[name] = self._entry(name, data, sources)
-            diags.extend(entry.diagnostics)
-            if entry.unit is None:
-                continue
-            for imp in entry.unit.imports:
-                for target, tdata in self._imports(name, imp, root, diags):
-                    if target not in entries and target not in contents:
-                        pending.append((target, tdata))
+        batch = list(contents.items())
+        while batch:  # the files given, then what they import, then what those import...
+            new = self._entries(batch, sources)
+            entries.update(new)
+            batch = []
+            for name, entry in new.items():
+                diags.extend(entry.diagnostics)
+                if entry.unit is None:
+                    continue
+                for imp in entry.unit.imports:
+                    for target, tdata in self._imports(name, imp, root, diags):
+                        if target not in entries and all(target != b[0] for b in batch):
+                            batch.append((target, tdata))
         lines = sum(s.text.count("\n") + 1 for s in sources.values())
         comp = Compilation(str(program_dir), sorted(entries), sources, diags, lines=lines)
         if has_errors(diags):
@@ -216,7 +239,6 @@ class Compiler:
                 diags.extend(validate.check_chain(ch, catalog))
         diags.extend(validate.check_program(program, catalog))
         comp.program = program
-        comp.graph = build(program)
         comp.diagnostics = sort(diags)
         return comp
 
@@ -244,6 +266,47 @@ class Compiler:
                 yield _display(f), f.read_bytes()
             except OSError as e:
                 diags.append(error("F212", f"cannot read `{_display(f)}`: {e.strerror}", imp.path.span))
+
+
+def _parse_one(key: tuple[str, str], name: str, text: str) -> tuple[tuple[str, str], _Entry]:
+    ast, diags = parser.parse(name, text)
+    entry = _Entry(None, diags)
+    if ast is not None:
+        entry.unit = resolve.lower_file(ast)
+    return key, entry
+
+
+def _parse_chunk(chunk: list[tuple[tuple[str, str], str, str]]) -> list[tuple[tuple[str, str], _Entry]]:
+    with _no_gc():
+        return [_parse_one(*job) for job in chunk]
+
+
+def _parse_all(todo: list[tuple[tuple[str, str], str, str]]):
+    """Parse and lower files; large batches are split across processes (one per core)."""
+    workers = min(os.cpu_count() or 1, 8)
+    size = sum(len(t) for _, _, t in todo)
+    if workers < 2 or len(todo) < 2 * workers or size < PARALLEL_MIN_BYTES or not _can_fork():
+        return [_parse_one(*job) for job in todo]
+    chunks = [todo[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return [r for part in pool.map(_parse_chunk, chunks) for r in part]
+
+
+def _can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods() and os.environ.get("VMFLOW_NO_FORK") is None
+
+
+@contextmanager
+def _no_gc():
+    """Compiling allocates many small objects that form no cycles: the cyclic collector only costs time
+    there (about a third of the parse), so it is paused for the duration."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _dir_stamp(d: Path) -> tuple:
