@@ -98,6 +98,15 @@ def discover(paths: list[Path]) -> tuple[list[Path], list[Diagnostic]]:
     return programs, diags
 
 
+def find_root(start: Path) -> Path:
+    """The top of the git repository holding `start`, or `start` itself outside any repository."""
+    start = start.resolve()
+    for d in (start, *start.parents):
+        if (d / ".git").exists():
+            return d
+    return start
+
+
 def _walk(root: Path):
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in ("node_modules", "__pycache__"))
@@ -153,9 +162,10 @@ class Compiler:
 
     # -- programs
     def compile_path(self, path: Path, root: Path | None = None) -> Compilation:
-        """Compile the program at `path` (a directory, or one file). Imports may not leave `root`."""
+        """Compile the program at `path` (a directory, or one file). Imports may not leave `root`:
+        by default the git repository holding the program, or else the program's own folder."""
         path = path.resolve() if path.exists() else path
-        root = (root or (path if path.is_dir() else path.parent)).resolve()
+        root = (root or find_root(path if path.is_dir() else path.parent)).resolve()
         files = sorted(path.glob(f"*{EXTENSION}")) if path.is_dir() else [path]
         contents: dict[str, bytes] = {}
         diags: list[Diagnostic] = []

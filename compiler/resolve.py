@@ -125,7 +125,7 @@ def _quantity(ctx: _Ctx, what: str, e: A.Expr, dims: tuple[Dimension, ...]) -> t
         ctx.err("F206", f"{what} takes {expected}, found {_DIM_WORDS[dim]} `{e.text}`", e.span,
                 label=f"this is {_DIM_WORDS[dim]}")
         return None
-    if not math.isfinite(value) or value > MAX_VALUE:
+    if (isinstance(value, float) and not math.isfinite(value)) or value > MAX_VALUE:
         ctx.err("F208", f"`{e.text}` is too large", e.span, label="out of range",
                 help=f"values are limited to {MAX_VALUE:,} in base units")
         return None

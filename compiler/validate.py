@@ -211,6 +211,8 @@ class _Checker:
             if s.name not in reach:
                 self.err("F309", f"step `{s.name}` is unreachable from `{start}`, where chain `{c.name}` starts",
                          s.span, label="no edge leads here", help=f"add an edge such as `{start} -> {s.name}`")
+        # An error handler runs after whichever step failed: it may read what any other step produced.
+        handlers = {s.on_error for s in c.steps if s.on_error} | ({c.on_error} if c.on_error else set())
         for s in c.steps:
             img = images.get(s.name)
             ports_in = {p.name: p for p in img.inputs} if img else None
@@ -224,7 +226,7 @@ class _Checker:
                                  label=f"not an {word} of `{img.id}`",
                                  help=did_you_mean(p.name, theirs) or
                                  f"its {word}s: {', '.join(theirs) or 'none'}")
-            ancestors = nx.ancestors(g, s.name)
+            ancestors = nx.ancestors(g, s.name) if s.name not in handlers else set(steps) - {s.name}
             for p in s.inputs:
                 producers = [a for a in ancestors if p.name in {o.name for o in steps[a].outputs}]
                 if not producers:
