@@ -7,6 +7,7 @@ Rendering is the only place spans become lines and columns.
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -17,16 +18,25 @@ JSON_FORMAT_VERSION = 1
 _COLOURS = {Severity.ERROR: "red", Severity.WARNING: "yellow"}
 
 
+def display_path(path: str) -> str:
+    """Paths below the working folder print relative to it (as a user would type them)."""
+    if os.path.isabs(path):
+        rel = os.path.relpath(path)
+        if not rel.startswith(".."):
+            return rel
+    return path
+
+
 def _position(d: Diagnostic, sources: SourceSet) -> dict:
     s = d.span
     if s is None:
         return {"file": None, "line": None, "column": None, "end_line": None, "end_column": None}
     src = sources.get(s.file)
     if src is None:
-        return {"file": s.file, "line": None, "column": None, "end_line": None, "end_column": None}
+        return {"file": display_path(s.file), "line": None, "column": None, "end_line": None, "end_column": None}
     line, col = src.line_col(s.start)
     end_line, end_col = src.line_col(max(s.end, s.start))
-    return {"file": s.file, "line": line, "column": col, "end_line": end_line, "end_column": end_col}
+    return {"file": display_path(s.file), "line": line, "column": col, "end_line": end_line, "end_column": end_col}
 
 
 def as_dict(d: Diagnostic, sources: SourceSet) -> dict:
