@@ -661,7 +661,8 @@ def _read_file(path: Path, display: str, sources: SourceSet,
 
 def load_catalog(dirs: list[Path], sources: SourceSet, *,
                  require_dirs: bool = False) -> tuple[Catalog, list[Diagnostic]]:
-    """Every image schema in `dirs` (in order; the first definition of an id wins), validated.
+    """Every image schema in `dirs` (in order; an id in an earlier folder shadows the same id in later
+    ones, and two definitions in one folder are an F403 error), validated.
 
     Each file's text goes into `sources` so diagnostics can be rendered. Directories that do not exist are
     skipped, unless `require_dirs` asks for an F405 error about them. An image with any error is left out
@@ -669,7 +670,7 @@ def load_catalog(dirs: list[Path], sources: SourceSet, *,
     """
     diags: list[Diagnostic] = []
     images: dict[str, Image] = {}
-    first: dict[str, Span] = {}
+    first: dict[str, tuple[int, Span]] = {}
     digest = hashlib.sha256(_SCHEMA_VERSION)
     for index, directory in enumerate(dirs):
         directory = Path(directory)
@@ -695,11 +696,15 @@ def load_catalog(dirs: list[Path], sources: SourceSet, *,
             if image_id is None or id_span is None:
                 continue
             if image_id in first:
-                diags.append(error("F403", f"image `{image_id}` is already defined", id_span,
-                                   label="defined again here", labels=[Label(first[image_id], "first defined here")],
-                                   help="the first definition wins; remove or rename this one"))
+                # An earlier folder shadows a later one (a program's own images/ may override the built-in
+                # catalog); two definitions in one folder are a mistake.
+                if first[image_id][0] == index:
+                    diags.append(error("F403", f"image `{image_id}` is already defined", id_span,
+                                       label="defined again here",
+                                       labels=[Label(first[image_id][1], "first defined here")],
+                                       help="the first definition wins; remove or rename this one"))
                 continue
-            first[image_id] = id_span
+            first[image_id] = (index, id_span)
             if image is not None:
                 images[image_id] = image
     return Catalog(images, digest.hexdigest()), diags

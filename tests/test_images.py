@@ -436,7 +436,7 @@ def test_f402_source_needs_exactly_one_of_path_and_volume(tmp_path):
 # ------------------------------------------------------------------------------------------ F403, F404
 
 
-def test_f403_duplicate_id_first_directory_wins(tmp_path):
+def test_an_earlier_folder_shadows_a_later_one(tmp_path):
     user, builtin = tmp_path / "user", tmp_path / "builtin"
     user.mkdir()
     builtin.mkdir()
@@ -444,11 +444,7 @@ def test_f403_duplicate_id_first_directory_wins(tmp_path):
     (builtin / "web.yaml").write_text(VALID.format(id="web"))
     sources = SourceSet()
     catalog, diags = load_catalog([user, builtin], sources)
-    d = only(diags, "F403")
-    assert d.span.file == str(builtin / "web.yaml") and where(d, sources) == (1, 5)
-    (label,) = d.labels
-    assert label.span.file == str(user / "web.yaml") and sources[label.span.file].line_col(label.span.start) == (1, 5)
-    assert label.message == "first defined here"
+    assert diags == []  # a program's own images/ may override the built-in catalog
     assert catalog.get("web").cpu_max == 2 and catalog.get("web").path == str(user / "web.yaml")
 
 
