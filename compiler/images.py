@@ -155,6 +155,8 @@ class Catalog:
 
     images: Mapping[str, Image]
     fingerprint: str
+    # Ids whose schema exists but has errors: references to them are not reported as unknown again.
+    broken: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         # A read-only view of a private copy: the catalog is shared by every stage of a compilation.
@@ -671,6 +673,7 @@ def load_catalog(dirs: list[Path], sources: SourceSet, *,
     diags: list[Diagnostic] = []
     images: dict[str, Image] = {}
     first: dict[str, tuple[int, Span]] = {}
+    broken: set[str] = set()
     digest = hashlib.sha256(_SCHEMA_VERSION)
     for index, directory in enumerate(dirs):
         directory = Path(directory)
@@ -707,7 +710,9 @@ def load_catalog(dirs: list[Path], sources: SourceSet, *,
             first[image_id] = (index, id_span)
             if image is not None:
                 images[image_id] = image
-    return Catalog(images, digest.hexdigest()), diags
+            else:
+                broken.add(image_id)
+    return Catalog(images, digest.hexdigest(), frozenset(broken)), diags
 
 
 def load_builtin(sources: SourceSet) -> tuple[Catalog, list[Diagnostic]]:

@@ -41,7 +41,7 @@ class _Checker:
 
     def image(self, name: str, span) -> object | None:
         img = self.cat.get(name)
-        if img is None:
+        if img is None and name not in self.cat.broken:
             self.err("F213", f"unknown image `{name}`", span, label="not in the image catalog",
                      help=did_you_mean(name, self.cat.ids()) or "`vmflow images` lists the known images")
         return img
