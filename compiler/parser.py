@@ -37,6 +37,10 @@ _TERMINAL_WORDS = {
     "$END": "end of file",
 }
 
+_UNITS = {"B", "KiB", "MiB", "GiB", "TiB", "KB", "MB", "GB", "TB", "ms", "s", "m", "h", "d"}
+
+_SPACED_UNIT = re.compile(r"([0-9][0-9.]*)\s+(" + "|".join(sorted(_UNITS, key=len, reverse=True)) + r")$")
+
 _TOP_KEYWORDS = ("import", "pool", "vm", "chain", "template", "use", "reserve")
 
 
@@ -182,8 +186,8 @@ class _ToAst(Transformer):
         depth = max(left.depth if isinstance(left, A.BoolOp) and left.op == op else _depth(left), _depth(right))
         return self._limit(A.BoolOp(op, operands, A.Span(self.file, left.span.start, right.span.end), depth))
 
-    def not_(self, operand):
-        return self._limit(A.Not(operand, operand.span, _depth(operand)))
+    def not_(self, keyword, operand):
+        return self._limit(A.Not(operand, _span(self.file, keyword, operand), _depth(operand)))
 
     def compare(self, left, op, right, window):
         w = self.quantity(window) if window is not None else None
@@ -196,13 +200,12 @@ class _ToAst(Transformer):
     def running(self, call, negated):
         return self._limit(A.AppRunning(call, negated is not None, call.span, _depth(call)))
 
-    def group(self, inner):
-        return self._limit(A.Group(inner, inner.span, _depth(inner)))
+    def group(self, lpar, inner, rpar):
+        return self._limit(A.Group(inner, _span(self.file, lpar, rpar), _depth(inner)))
 
-    def list_(self, *items):
-        items = tuple(i for i in items if i is not None)
-        span = _span(self.file, items[0], items[-1]) if items else A.Span(self.file, 0, 0)
-        return self._limit(A.ListExpr(items, span, _depth(*items)))
+    def list_(self, lsqb, *rest):
+        items = tuple(i for i in rest[:-1] if i is not None)
+        return self._limit(A.ListExpr(items, _span(self.file, lsqb, rest[-1]), _depth(*items)))
 
     def call(self, name, *args):
         args = tuple(a for a in args if a is not None)
@@ -304,7 +307,7 @@ class _Parser:
         literals = [self.terminals[n].pattern.value for n in names
                     if n in self.terminals and self.terminals[n].pattern.type == "str"]
         if len(words) > 8:
-            text = ", ".join(words[:8]) + f" or one of {len(words) - 8} more"
+            text = ", ".join(words[:8]) + f" or {len(words) - 8} more"
         elif len(words) > 1:
             text = ", ".join(words[:-1]) + " or " + words[-1]
         else:
@@ -324,7 +327,15 @@ class _Parser:
             kind = {"NAME": "name ", "QUANTITY": "number ", "STRING": "string "}.get(tok.type, "")
             found = f"{kind}`{tok.value}`"
             hint = did_you_mean(tok.value, literals) if tok.type == "NAME" else None
-            if hint is None and tok.type == "NAME" and "`=`" in expected:
+            before = text[: tok.start_pos].rstrip()
+            previous = re.findall(r"[A-Za-z_][A-Za-z0-9_]*$", before)
+            spaced = _SPACED_UNIT.search(before) or (
+                _SPACED_UNIT.search(before + " " + tok.value) if tok.type == "NAME" else None)
+            if spaced:
+                hint = f"write the unit right after the number, without a space: `{spaced[1]}{spaced[2]}`"
+            elif tok.type == "NAME" and previous and previous[0] in _TOP_KEYWORDS and "`=`" in expected:
+                hint = f"is the `}}` that closes the block before this `{previous[0]}` missing?"
+            elif hint is None and tok.type == "NAME" and "`=`" in expected and "`(`" not in expected:
                 hint = "an attribute is written `name = value`"
             return error("F101", f"unexpected {found}, expected {expected}",
                          A.Span(path, tok.start_pos, tok.end_pos), label=f"expected {expected}", help=hint)
@@ -335,8 +346,11 @@ class _Parser:
             return error("F102", "unterminated string", span, label="string starts here",
                          help="strings end with `\"` on the same line")
         shown = ch if ch.isprintable() else repr(ch)
+        helps = {";": "statements end at the end of the line: remove the `;`",
+                 "/": "comments start with `#` or `//`",
+                 ":": "attributes are written `name = value`"}
         return error("F102", f"unexpected character `{shown}`", span, label="not part of the language here",
-                     help=("comments start with `#` or `//`" if ch in "/;" else None))
+                     help=helps.get(ch))
 
 
 @lru_cache(maxsize=1)

@@ -48,6 +48,10 @@ MAX_DEPTH = 200
 # A hostile file can hold a million wrong values; past this many diagnostics the rest are counted, not listed.
 MAX_DIAGNOSTICS = 100
 
+# Suggestions cost a string comparison per candidate: past this many steps (a generated or hostile file) none
+# are offered rather than spending seconds on each unknown name.
+MAX_SUGGESTION_CANDIDATES = 1000
+
 # A workflow definition is a page of JSON; past this the file is refused before it is read.
 MAX_FILE_BYTES = 16 * 1024 * 1024
 
@@ -365,7 +369,7 @@ class _Step:
     inputs: list[str]
     outputs: list[str]
     next_steps: list[Json]  # the string values of `next_step`
-    successors: list[_Step] = field(default_factory=list)
+    successors: dict[_Step, None] = field(default_factory=dict)  # an ordered set
 
 
 _KIND = {str: "a string", bool: "a boolean", int: "a number", float: "a number", type(None): "null",
@@ -421,6 +425,16 @@ class _Importer:
             diags.append(Diagnostic(d.severity, d.code, f"{self.unshown:,} more problems are not shown", d.span,
                                     label="the first of them", help="fix the ones above and import again"))
         return diags
+
+    @property
+    def full(self) -> bool:
+        """True once further diagnostics are only counted: nothing more is worth computing for them."""
+        return len(self.diags) >= MAX_DIAGNOSTICS
+
+    def suggest(self, word: str, candidates) -> str | None:
+        if self.full or len(candidates) > MAX_SUGGESTION_CANDIDATES:
+            return None
+        return did_you_mean(word, candidates)
 
     def span(self, node: Json) -> Span:
         return Span(self.path, node.start, node.end)
@@ -578,8 +592,8 @@ class _Importer:
         # reported already.
         if have_list and node.value not in self.all_images and not self.images_unknown:
             ids = list(dict.fromkeys(self.all_images))
-            hint = did_you_mean(node.value, ids) or (
-                "the steps run " + ", ".join(f"`{_shown(i)}`" for i in ids) if ids else "the workflow has no steps")
+            listed = ", ".join(f"`{_shown(i)}`" for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+            hint = self.suggest(node.value, ids) or (f"the steps run {listed}" if ids else "the workflow has no steps")
             self.report(error("F504", f"no step runs the start image `{_shown(node.value)}`",
                               self.span(node), label="no step has this `image_id`", help=hint))
         return None
@@ -602,9 +616,9 @@ class _Importer:
                     if key not in self.refused_names and node.value not in self.refused_names:
                         self.report(error("F502", f"unknown next step `{_shown(node.value)}`",
                                           self.span(node), label="no step has this name",
-                                          help=did_you_mean(snake_case(node.value), by_flow_name)))
-                elif target not in s.successors:
-                    s.successors.append(target)
+                                          help=self.suggest(snake_case(node.value), by_flow_name)))
+                else:
+                    s.successors[target] = None
         return linked
 
     def check_reachable(self, steps: list[_Step], start: _Step) -> None:
@@ -640,8 +654,8 @@ class _Importer:
                 if nxt is None:
                     if not cur.successors:
                         break
-                    nxt = cur.successors[0]
-                    queue.extend((cur, t) for t in cur.successors[1:])
+                    nxt, *others = cur.successors
+                    queue.extend((cur, t) for t in others)
                 path.append(nxt)
                 if nxt in visited:
                     break

@@ -517,7 +517,7 @@ def _check_spans(text: str, node: Json) -> None:
             _check_spans(text, node.value.get(key))
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(json_values, st.sampled_from([None, 0, 2, "\t"]), st.booleans())
 def test_reader_agrees_with_json_loads(value, indent, ensure_ascii):
     text = json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
@@ -536,7 +536,7 @@ _ALPHABET = list('{}[],:"0123456789-.eE+ \n\t\r\x0b\x00truefalsnul\\abu\x01é/\u
     "true", "null", "false", "\\u00e9", "\\ud83d", "\\ude00"]
 
 
-@settings(max_examples=2000)
+@settings(max_examples=2000, deadline=None)
 @given(st.lists(st.sampled_from(_ALPHABET), max_size=14).map("".join))
 def test_reader_accepts_exactly_what_json_loads_accepts(text):
     try:
@@ -634,7 +634,7 @@ _workflow = st.fixed_dictionaries({}, optional={
 }) | _anything
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(_workflow, st.sampled_from([None, 1]))
 def test_any_workflow_shaped_json_gives_text_or_diagnostics(tmp_path, wf, indent):
     path = write(tmp_path, json.dumps(wf, indent=indent))
@@ -642,9 +642,40 @@ def test_any_workflow_shaped_json_gives_text_or_diagnostics(tmp_path, wf, indent
     _assert_sane(path, flow, diags)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=64))
 def test_any_bytes_give_diagnostics_not_exceptions(tmp_path, data):
     path = write(tmp_path, data)
     flow, diags = run(path)
     assert flow is None and diags
+
+
+@st.composite
+def _well_formed(draw):
+    names = draw(st.lists(st.text(max_size=10) | _names, min_size=1, max_size=6))
+    images = draw(st.lists(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}(-[0-9]{1,2})?", fullmatch=True),
+                           min_size=len(names), max_size=len(names)))
+    data = st.lists(st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True), max_size=3)
+    targets = st.sampled_from(names + ["end"]).map(lambda n: draw(st.sampled_from([n, snake_case(n), n.upper()])))
+    steps = [{"image_id": i, "name": n, "input_data": draw(data), "output_data": draw(data),
+              "next_step": draw(targets | st.lists(targets, max_size=3) | st.none())}
+             for n, i in zip(names, images)]
+    return {"workflow_name": draw(_names), "start_image": draw(st.sampled_from(images)), "steps": steps}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(_well_formed())
+def test_well_formed_workflows_give_text_that_parses(tmp_path, wf):
+    path = write(tmp_path, wf)
+    flow, diags = run(path)
+    _assert_sane(path, flow, diags)
+    if flow is None:
+        assert {d.code for d in diags} <= {"F503", "F505"}  # blank names, names that collide
+        return
+    chain = chain_of(flow)
+    steps = steps_of(chain)
+    assert len(steps) == len(wf["steps"])
+    for s, step in zip(wf["steps"], steps.values()):
+        assert step.image.value == s["image_id"]
+        assert io_of(step, "in") == s["input_data"] and io_of(step, "out") == s["output_data"]
+    assert all(name in steps for line in edges_of(chain) for name in line)

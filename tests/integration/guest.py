@@ -169,6 +169,7 @@ def domain_xml(
 
 def guest_artifacts(guest_dir: str = DEFAULT_GUEST_DIR) -> tuple[str, str, str]:
     """(vmlinuz, initrd.gz, root.qcow2) paths in a build-guest.sh output dir; raises if missing."""
+    guest_dir = os.path.abspath(guest_dir)  # libvirt wants absolute paths
     paths = tuple(os.path.join(guest_dir, f) for f in ("vmlinuz", "initrd.gz", "root.qcow2"))
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
