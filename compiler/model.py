@@ -137,6 +137,7 @@ class DiskSpec:
     size: int
     source: str | None  # a path under the image root, when the disk starts from a file
     span: Span
+    source_span: Span | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +247,7 @@ class StepSpec:
     actions: tuple[Action, ...]
     span: Span
     image_span: Span | None = None
+    on_error_span: Span | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -462,7 +462,8 @@ def _disk(ctx: _Ctx, d: A.Disk) -> M.DiskSpec | None:
     if v["size"] <= 0:
         ctx.err("F208", "a disk needs a size above zero", d.name.span, label="size 0")
         return None
-    return M.DiskSpec(d.name.value, v["size"], v.get("source"), d.name.span)
+    source_span = next((a.value.span for a in d.attrs if a.name.value == "source"), None)
+    return M.DiskSpec(d.name.value, v["size"], v.get("source"), d.name.span, source_span)
 
 
 def _nic(ctx: _Ctx, n: A.Nic) -> M.NicSpec | None:
@@ -646,7 +647,8 @@ def _chain(ctx: _Ctx, c: A.Chain) -> M.ChainSpec | None:
             on_error = sa.get("on_error")
             steps[sname] = M.StepSpec(cname, sname, it.image.value, None, tuple(ins), tuple(outs), sa.get("retry"),
                                       sa.get("backoff"), sa.get("timeout"), on_error[0] if on_error else None,
-                                      sa.get("replicas"), sa.get("scale_on"), (), it.name.span, it.image.span)
+                                      sa.get("replicas"), sa.get("scale_on"), (), it.name.span, it.image.span,
+                                      on_error[1] if on_error else None)
         else:
             actions, cooldown, revert, ok = _actions(ctx, it.items, f"step `{sname}`")
             if cooldown is not None or revert is not None:
@@ -680,7 +682,8 @@ def _chain(ctx: _Ctx, c: A.Chain) -> M.ChainSpec | None:
             edges.append(M.EdgeSpec(a.value, b.value, cond if first else None, it.span, a.span, b.span))
     for s in steps.values():
         if s.on_error is not None and s.on_error not in steps:
-            ctx.err("F201", f"unknown error handler step `{s.on_error}`", s.span, label="on_error names no step",
+            ctx.err("F201", f"unknown error handler step `{s.on_error}`", s.on_error_span or s.span,
+                    label="on_error names no step",
                     help=did_you_mean(s.on_error, steps))
     on_error = ca.get("on_error")
     if on_error and on_error[0] not in steps:
@@ -849,7 +852,7 @@ def link(units: list[FileUnit]) -> tuple[M.Program, list[Diagnostic]]:
             diags.append(error("F201", f"unknown pool `{vm.pool}`", vm.pool_span, label="no such pool",
                                help=did_you_mean(vm.pool, pools)))
         elif vm.pool is None and len(pools) > 1:
-            diags.append(error("F204", f"vm `{vm.name}` must name its pool: the program has {len(pools)}",
+            diags.append(error("F204", f"vm `{vm.name}` must name its pool: the program has {len(pools)} pools",
                                vm.span, label="needs `pool = ...`",
                                help=f"pools: {', '.join(sorted(pools))}"))
     for r in prog.reserves.values():

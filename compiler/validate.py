@@ -30,6 +30,11 @@ def _fmt(resource: str, v: int) -> str:
     return format_bytes(v) if resource == "memory" else str(v)
 
 
+def _amount(resource: str, v: int) -> str:
+    """`4 vCPUs`, `1 vCPU`, `16GiB`: a quantity as a sentence reads it."""
+    return format_bytes(v) if resource == "memory" else f"{v} vCPU{'s' if v != 1 else ''}"
+
+
 class _Checker:
     def __init__(self, program: M.Program, catalog: Catalog) -> None:
         self.p = program
@@ -74,7 +79,7 @@ class _Checker:
 
     def source(self, d: M.DiskSpec) -> None:
         if d.source is not None:
-            diag = check_source_path(d.source, d.span)
+            diag = check_source_path(d.source, d.source_span or d.span)
             if diag is not None:
                 self.diags.append(diag)
 
@@ -103,9 +108,12 @@ class _Checker:
                              label=f"unknown {a.device}", help=did_you_mean(a.name, known))
             elif isinstance(a, M.AttachDiskAction):
                 self.source(a.disk)
-                if a.disk.name in {d.name for d in vm.disks}:
-                    self.err("F202", f"vm `{vm.name}` already has disk `{a.disk.name}`", a.span,
-                             label="already declared on the vm")
+                declared = {d.name: d for d in vm.disks}
+                if a.disk.name in declared:
+                    self.err("F202", f"vm `{vm.name}` already has disk `{a.disk.name}`", a.disk.span,
+                             label="attached again here",
+                             labels=(Label(declared[a.disk.name].span, "declared on the vm here"),),
+                             help="give the attached disk another name")
             elif isinstance(a, M.SwapImageAction):
                 target = self.image(a.image, a.span)
                 if target is not None:
@@ -171,8 +179,8 @@ class _Checker:
                                  labels=(Label(pool.span, f"pool `{name}` declared here"),))
                 total = sum((vm.cpu if res == "cpu" else vm.memory).base for vm in vms)
                 if total > cap:
-                    self.err("F303", f"pool `{name}` is over capacity: its VMs start with {_fmt(res, total)} {res}, "
-                             f"it has {_fmt(res, cap)}", pool.span, label="over capacity",
+                    self.err("F303", f"pool `{name}` is over capacity: its VMs start with {_amount(res, total)}, "
+                             f"it has {_amount(res, cap)}", pool.span, label="over capacity",
                              help="raise the pool's capacity, shrink the VMs or move some to another pool")
 
     # -- chains
