@@ -292,14 +292,17 @@ def _parse_chunk(chunk: list[tuple[tuple[str, str], str, str]]) -> list[tuple[tu
 
 
 def _parse_all(todo: list[tuple[tuple[str, str], str, str]]):
-    """Parse and lower files; large batches are split across processes (one per core)."""
+    """Parse and lower files. A large batch is shared with forked workers, one per extra core; this process
+    takes a share too, since its share costs no pickling on the way back."""
     workers = min(os.cpu_count() or 1, 8)
     size = sum(len(t) for _, _, t in todo)
     if workers < 2 or len(todo) < 2 * workers or size < PARALLEL_MIN_BYTES or not _can_fork():
         return [_parse_one(*job) for job in todo]
     chunks = [todo[i::workers] for i in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return [r for part in pool.map(_parse_chunk, chunks) for r in part]
+    with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("fork")) as pool:
+        others = pool.map(_parse_chunk, chunks[1:])
+        mine = _parse_chunk(chunks[0])
+        return mine + [r for part in others for r in part]
 
 
 def _can_fork() -> bool:
