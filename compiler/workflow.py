@@ -321,8 +321,10 @@ _FLOW_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:[.\-][A-Za-z0-9_]+)*")
 
 
 def _ascii(s: str) -> str:
-    # "Größe" -> "Groe": accents are dropped rather than the whole letter becoming a word break.
-    return unicodedata.normalize("NFKD", s).encode("ascii", "ignore").decode("ascii")
+    # "Größe" -> "Grosse": accents are dropped and ß spelt out, rather than each letter becoming a word
+    # break; what has no ASCII spelling at all is dropped.
+    return "".join(c if c.isascii() else c.casefold() if c.casefold().isascii() else ""
+                   for c in unicodedata.normalize("NFKD", s))
 
 
 def snake_case(name: str) -> str:

@@ -233,7 +233,8 @@ def test_start_step_need_not_be_first(tmp_path):
     ("image resize", "image_resize"),
     ("image-resize", "image_resize"),
     ("already_snake", "already_snake"),
-    ("Größe", "groe"),
+    ("Größe", "grosse"),
+    ("Straße", "strasse"),
     ("  Trim  me ", "trim_me"),
 ])
 def test_snake_case(name, expected):
@@ -656,7 +657,9 @@ def _well_formed(draw):
     images = draw(st.lists(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}(-[0-9]{1,2})?", fullmatch=True),
                            min_size=len(names), max_size=len(names)))
     data = st.lists(st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True), max_size=3)
-    targets = st.sampled_from(names + ["end"]).map(lambda n: draw(st.sampled_from([n, snake_case(n), n.upper()])))
+    # Spellings that name the same step; upper case only for ASCII, where it keeps the letters it changes.
+    targets = st.sampled_from(names + ["end"]).flatmap(
+        lambda n: st.sampled_from([n, snake_case(n)] + ([n.upper()] if n.isascii() else [])))
     steps = [{"image_id": i, "name": n, "input_data": draw(data), "output_data": draw(data),
               "next_step": draw(targets | st.lists(targets, max_size=3) | st.none())}
              for n, i in zip(names, images)]
@@ -670,7 +673,8 @@ def test_well_formed_workflows_give_text_that_parses(tmp_path, wf):
     flow, diags = run(path)
     _assert_sane(path, flow, diags)
     if flow is None:
-        assert {d.code for d in diags} <= {"F503", "F505"}  # blank names, names that collide
+        # Blank names and names that collide are the only errors a well-formed workflow can have.
+        assert {d.code for d in diags if d.severity is Severity.ERROR} <= {"F503", "F505"}
         return
     chain = chain_of(flow)
     steps = steps_of(chain)
