@@ -9,8 +9,8 @@ line between top-level items and at most one (where the author left one) inside 
 The tree holds no comments or blank lines, so the printer walks the tree and the source tokens in step:
 every output line records which source tokens it printed, and each comment is then placed by its
 neighbouring tokens (own-line comments before the line that follows them, end-of-line comments after the
-line they end). Spans are not used for this because several of them do not cover closing tokens (`)`,
-`]`, `running`).
+line they end). Spans are not enough for this: a block's starts at its name, after the keyword, and a
+call's ends at its last argument, before the `)`.
 
 Nesting is walked with an explicit stack, not recursion: templates may nest as deep as a file goes, while
 expressions are capped by the parser (`MAX_DEPTH`) and are printed recursively.
@@ -61,12 +61,13 @@ def format_ast(file: A.FileAst, text: str) -> str:
     """Print `file` back in canonical form; `text` must be the source it was parsed from.
 
     Every comment is kept, in order. An empty file (or one holding only whitespace) formats to "";
-    anything else ends with exactly one newline.
+    anything else ends with exactly one newline. Raises ValueError when `text` does not hold the tokens
+    of `file`.
     """
     if text.startswith("\ufeff"):  # the parser reads a BOM as a space; offsets stay aligned
         text = " " + text[1:]
     tokens = _scan(text)
-    printer = _Printer(text, tokens, file.comments)
+    printer = _Printer(tokens, file.comments)
     printer.walk(file.items)
     if printer.cursor.i != len(tokens):
         raise _OutOfStep("text holds more tokens than the syntax tree accounts for")
@@ -141,7 +142,7 @@ _Block = Iterator[tuple[object, int]]
 
 
 class _Printer:
-    def __init__(self, text: str, tokens: list[_Token], comments: tuple[A.Comment, ...]) -> None:
+    def __init__(self, tokens: list[_Token], comments: tuple[A.Comment, ...]) -> None:
         self.cursor = _Cursor(tokens)
         self.tokens = tokens
         self.comment_starts = [c.span.start for c in comments]
@@ -200,9 +201,9 @@ class _Printer:
             c.take("when")
             self._emit(indent, "item", f"revert when {self._expr(node.when)}", first)
         elif isinstance(node, A.Io):
-            self._emit(indent, "item", f"{c.take(node.direction)} {self._names(node.names, ',')}", first)
+            self._emit(indent, "item", f"{c.take(node.direction)} {self._names(node.names, ',', ', ')}", first)
         elif isinstance(node, A.Edge):
-            text = self._names(node.path, " ->")
+            text = self._names(node.path, "->", " -> ")
             if node.when is not None:
                 c.take("when")
                 text += f" when {self._expr(node.when)}"
@@ -214,13 +215,13 @@ class _Printer:
             return self._block(node, indent)
         return None
 
-    def _names(self, names: tuple[A.Name, ...], sep: str) -> str:
+    def _names(self, names: tuple[A.Name, ...], between: str, joiner: str) -> str:
         out = []
         for k, n in enumerate(names):
             if k:
-                self.cursor.take(sep.strip())
+                self.cursor.take(between)
             out.append(self.cursor.take(n.value))
-        return f"{sep} ".join(out)
+        return joiner.join(out)
 
     def _block(self, node: object, indent: int) -> _Block:
         c = self.cursor
@@ -252,7 +253,8 @@ class _Printer:
             c.take("morph")
             head, children = f"step {name} = morph {c.take(node.vm.value)}", node.items
         elif isinstance(node, A.Template):
-            head, children = f"template {self._keyword_name('template', node.name)}{self._params(node)}", node.items
+            name = self._keyword_name("template", node.name)
+            head, children = f"template {name}{self._params(node)}", node.items
         elif isinstance(node, A.Use):
             template = self._keyword_name("use", node.template)
             c.take("as")

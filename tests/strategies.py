@@ -8,15 +8,17 @@ templates with parameters and defaults, `use`, `reserve`, and the whole expressi
 
 Public strategies (all produce `str`):
 
-- `programs(layout=..., comments=...)`: a whole file. `layout="tidy"` puts one item a line;
-  `"messy"` picks any whitespace between tokens, gluing them where the lexer still splits them the same
-  way; `"any"` (the default) draws one of the two. `comments=True` drops `#` and `//` comments, own-line and
-  end-of-line, between any two tokens, including inside expressions and block headers.
+- `programs(layout=..., comments=..., max_items=...)`: a whole file. `layout="tidy"` puts one item a
+  line; `"messy"` picks any whitespace between tokens, gluing them where the lexer still splits them the
+  same way; `"any"` (the default) draws one of the two. `comments=True` adds `#` and `//` comments, on
+  their own lines and at ends of lines: in tidy files mostly between items, in messy ones between any two
+  tokens (inside expressions and block headers too).
 - `expressions()`, `conditions()`: one expression (`conditions` leans towards comparisons and `and`/`or`).
 - `names()`, `quantities()`, `strings()`, `comments()`: single tokens.
 
 Generated names never spell a keyword (`KEYWORDS`): the lexer is contextual, so a keyword is sometimes a
-valid name, but not everywhere, and a generator that tracked where would be as complex as the grammar.
+valid name, but not everywhere, and a generator that tracked where would be as complex as the grammar. The
+one exception is the grammar's own: attributes may be named `disk` or `nic`.
 
 Import it as `from strategies import programs` (pytest puts `tests/` on `sys.path` for the tests in it).
 """
@@ -56,6 +58,9 @@ _COMMON_NAMES = (
 _BREAK = None
 
 _SPACE_CHOICES = (" ", "  ", "\t", "\n", "\n\n", "\n    ", " \n\t ", "\r\n")
+
+_COMMENT_STARTS = ("#", "//", "# ", "// ")
+_COMMENT_CHARS = "".join(chr(c) for c in range(0x20, 0x7F)) + "\téλ→日"
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -99,11 +104,7 @@ def strings() -> st.SearchStrategy[str]:
 @lru_cache(maxsize=None)
 def comments() -> st.SearchStrategy[str]:
     """A comment, `#` or `//`, with no line break in it (trailing spaces allowed: the lexer keeps them)."""
-    body = st.text(
-        st.one_of(st.characters(min_codepoint=0x20, max_codepoint=0x7E), st.sampled_from("\téλ→日")),
-        max_size=16,
-    )
-    return st.builds(str.__add__, st.sampled_from(("#", "//", "# ", "// ")), body)
+    return st.builds(str.__add__, st.sampled_from(_COMMENT_STARTS), st.text(_COMMENT_CHARS, max_size=16))
 
 
 # ------------------------------------------------------------------------------------------ pieces
@@ -209,7 +210,9 @@ def _block(head: list, children: list[list]) -> list:
 @lru_cache(maxsize=None)
 @st.composite
 def _attr(draw) -> list:
-    return [draw(names()), "=", *draw(_expr(2))]
+    # `disk` and `nic` are keywords the grammar also takes as attribute names (a pool's `disk` capacity).
+    name = draw(st.sampled_from(("disk", "nic"))) if draw(st.integers(0, 9)) == 0 else draw(names())
+    return [name, "=", *draw(_expr(2 if draw(st.integers(0, 3)) == 0 else 1))]
 
 
 def _attrs(max_size: int = 4) -> st.SearchStrategy[list[list]]:
@@ -337,7 +340,6 @@ def _tight(prev: str, token: str) -> bool:
 # Layout draws a seed and takes every whitespace and comment choice from it: drawing each gap from
 # Hypothesis costs more than generating the program itself, and shrinking the structure is what makes a
 # failing example small. How many comments there are stays a Hypothesis choice so that it can shrink to none.
-_COMMENT_CHARS = [chr(c) for c in range(0x20, 0x7F)] + list("\téλ→日")
 
 
 @st.composite
@@ -378,7 +380,7 @@ def _lay_out(rnd: random.Random, pieces: list, layout: str, comment_rate: float)
 
 def _comment(rnd: random.Random) -> str:
     body = "".join(rnd.choice(_COMMENT_CHARS) for _ in range(rnd.randrange(12)))
-    return rnd.choice(("#", "//", "# ", "// ")) + body
+    return rnd.choice(_COMMENT_STARTS) + body
 
 
 def _comment_lines(rnd: random.Random, depth: int) -> str:
