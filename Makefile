@@ -6,9 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bless lint setup clean
 
+# Debian packages the Python dependencies build against: libvirt-python compiles against libvirt-dev.
+DEB_BUILD := python3 python3-venv python3-dev gcc pkg-config libvirt-dev
+
 $(STAMP): pyproject.toml
-	@command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv python3-pip >/dev/null)
+	@if ! (command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null \
+	       && pkg-config --exists libvirt && command -v gcc >/dev/null); then \
+	  echo "installing Debian packages: $(DEB_BUILD)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_BUILD) >/dev/null; \
+	fi
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'

@@ -180,6 +180,8 @@ def _operand_text(o: M.Operand) -> str:
     if isinstance(o, M.Func):
         name = f"p{o.percentile:g}" if o.percentile is not None else o.name
         return f"{name}({o.metric}, {format_duration(o.window)})"
+    if isinstance(o.value, str):
+        return json.dumps(o.value)
     if o.dim.value == "percent":
         return f"{o.value:g}%"
     if o.dim.value == "bytes":

@@ -67,7 +67,7 @@ class Func:
 
 @dataclass(frozen=True, slots=True)
 class Const:
-    value: float | int
+    value: float | int | str  # a string only in chain branch conditions, compared with step data
     dim: Dimension
     span: Span
 

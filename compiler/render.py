@@ -50,9 +50,9 @@ def as_dict(d: Diagnostic, sources: SourceSet) -> dict:
     return out
 
 
-def render_json(diags: list[Diagnostic], sources: SourceSet) -> str:
+def render_json(diags: list[Diagnostic], sources: SourceSet, strict: bool = False) -> str:
     errors = sum(d.severity is Severity.ERROR for d in diags)
-    doc = {"format_version": JSON_FORMAT_VERSION, "valid": errors == 0, "error_count": errors,
+    doc = {"format_version": JSON_FORMAT_VERSION, "valid": errors == 0 and not (strict and diags), "error_count": errors,
            "warning_count": len(diags) - errors, "diagnostics": [as_dict(d, sources) for d in diags]}
     return json.dumps(doc, indent=2) + "\n"
 
@@ -154,9 +154,9 @@ def summary(diags: list[Diagnostic]) -> str:
     return ", ".join(parts) or "no problems"
 
 
-def render(fmt: str, diags: list[Diagnostic], sources: SourceSet, colour: bool = False) -> str:
+def render(fmt: str, diags: list[Diagnostic], sources: SourceSet, colour: bool = False, strict: bool = False) -> str:
     if fmt == "json":
-        return render_json(diags, sources)
+        return render_json(diags, sources, strict)
     if fmt == "github":
         return render_github(diags, sources)
     if fmt == "plain":

@@ -314,7 +314,7 @@ def _operand(ctx: _Ctx, e: A.Expr, data: dict[str, A.Span] | None) -> M.Operand 
         q = _quantity(ctx, "a comparison", e, dims)
         return None if q is None else M.Const(q[1], q[0], e.span)
     if isinstance(e, A.String) and data is not None:
-        return M.Const(0, Dimension.COUNT, e.span)  # a literal compared with data; typed at run time
+        return M.Const(e.value, Dimension.COUNT, e.span)  # a literal compared with data; typed at run time
     if isinstance(e, A.Call):
         fname = e.name.value
         pm = _PERCENTILE.match(fname)

@@ -5,7 +5,8 @@ The JSON format (DESIGN.md, "The JSON workflow format") names a workflow, its st
 such file into the text of one `chain` block, which then goes through the ordinary pipeline (parse, resolve,
 build) like any hand-written `.flow` file; nothing downstream knows that it came from JSON.
 
-The mapping: the chain is named `snake_case(workflow_name)`; each step, in JSON order, becomes
+The mapping: the chain is named `snake_case(workflow_name)`; each step (the start step first, since a
+.flow chain starts at its first step, then the others in JSON order) becomes
 `step snake_case(name) = image_id { in ... out ... }`; edges follow `next_step` from the step whose `image_id`
 is `start_image`, one `a -> b -> c` line per maximal path (a linear workflow is one line). `next_step` names a
 step however it is spelt (`image_resize`, `ImageResize`, `image-resize`); `"end"`, null or no `next_step` ends a
@@ -669,7 +670,8 @@ class _Importer:
 
     def render(self, name: str, steps: list[_Step], start: _Step) -> str:
         out = [f"# imported from {_file_name(self.path)}", "", f"chain {name} {{"]
-        for s in steps:
+        # A .flow chain starts at its first step: the start step goes first, the others keep their order.
+        for s in [start] + [s for s in steps if s is not start]:
             out.append(f"  step {s.flow_name} = {s.image_id} {{")
             if s.inputs:
                 out.append("    in " + ", ".join(s.inputs))

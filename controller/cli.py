@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -93,7 +94,7 @@ def validate(paths: tuple[Path, ...], fmt: str, strict: bool, images: tuple[Path
         report.append((p, comp))
     diags = sort(diags)
     failed = has_errors(diags) or (strict and bool(diags))
-    out = render.render(fmt, diags, sources, _colour(no_color))
+    out = render.render(fmt, diags, sources, _colour(no_color), strict=strict)
     click.echo(out, nl=False)
     if fmt == "human":
         for p, comp in report:
@@ -283,6 +284,9 @@ def import_workflow_cmd(file: Path, output: Path | None, force: bool, no_color: 
         if output.exists() and not force:
             click.echo(f"error: `{output}` exists; pass --force to overwrite it", err=True)
             sys.exit(EXIT_ERROR)
+        if not output.parent.is_dir():
+            click.echo(f"error: the folder `{output.parent}` does not exist", err=True)
+            sys.exit(EXIT_ERROR)
         output.write_text(text, encoding="utf-8")
         click.echo(f"wrote {output}", err=True)
 
@@ -346,6 +350,195 @@ def _image_table(found, colour: bool) -> None:
                       ",".join(sorted(i.capabilities)) or "-",
                       ",".join(p.name for p in i.inputs) or "-", ",".join(p.name for p in i.outputs) or "-")
     Console(no_color=not colour, highlight=False, width=200 if not sys.stdout.isatty() else None).print(table)
+
+
+# ------------------------------------------------------------------------------------------ plan / apply
+
+EXIT_CHANGES = 2
+
+
+def _target_options(f):
+    f = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Where the embedded hypervisor, the journal and the lock live (default: .vmflow/ "
+                          "beside the program).")(f)
+    f = click.option("--libvirt", "libvirt_uri", metavar="URI", envvar="VMFLOW_LIBVIRT",
+                     help="The libvirt URI to manage (qemu:///system, qemu+ssh://host/system). Default: the "
+                          "host the program's pools name, else the embedded test driver.")(f)
+    f = click.option("--prune", is_flag=True, help="Delete VMs this program owns but no longer declares.")(f)
+    f = click.option("--allow-mass-delete", is_flag=True,
+                     help="Allow a prune that deletes more than half of the program's VMs.")(f)
+    return f
+
+
+def _load_target(path: Path, libvirt_uri, state_dir, no_color: bool):
+    from controller.context import ContextError, load
+
+    if not path.exists():
+        raise click.UsageError(f"`{path}` does not exist")
+    try:
+        t = load(path, libvirt_uri, state_dir)
+    except ContextError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_ERROR)
+    if not t.compilation.ok:
+        comp = t.compilation
+        click.echo(render.render("human", comp.diagnostics, comp.sources, _colour(no_color)), nl=False, err=True)
+        click.echo(f"error: the program does not validate ({render.summary(comp.diagnostics)}); nothing was planned",
+                   err=True)
+        sys.exit(EXIT_ERROR)
+    return t
+
+
+def _open_hypervisor(uri: str):
+    from controller.hypervisor import Hypervisor, HypervisorError
+
+    try:
+        return Hypervisor(uri)
+    except HypervisorError as e:
+        click.echo(f"error: cannot reach the hypervisor: {e}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path(path_type=Path), default=Path("."))
+@_target_options
+@click.option("-f", "--format", "fmt", type=click.Choice(("text", "json")), default="text", show_default=True)
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Save the plan; `vmflow apply FILE` applies exactly it, or refuses if the VMs changed since.")
+@_no_color_option
+def plan(path: Path, state_dir, libvirt_uri, prune, allow_mass_delete, fmt, out, no_color) -> None:
+    """Show what applying the program would change, and why.
+
+    Compares the program with what libvirt reports: `+` create, `~` update live, `~!` update with a
+    restart, `-/+` replace, `-` destroy. Drift (changes made outside vmflow) is listed first.
+
+    \b
+    Exit codes: 0 no changes, 2 changes to apply, 1 error.
+    \b
+    Examples:
+      vmflow plan examples/web
+      vmflow plan examples/web -o web.plan.json && vmflow apply web.plan.json
+    """
+    from controller import render_plan
+    from controller.context import make_plan, vm_to_json
+
+    t = _load_target(path, libvirt_uri, state_dir, no_color)
+    with _open_hypervisor(t.uri) as hv:
+        p, actual = make_plan(t, hv, prune, allow_mass_delete)
+    observed = render_plan.fingerprint(actual, [c.address for c in p.changes])
+    doc = render_plan.to_json(p, program=t.program, observed=observed)
+    if out is not None:
+        saved = dict(doc, source=str(t.program_dir), uri=t.uri, state_dir=str(t.state_dir),
+                     desired={n: vm_to_json(v) for n, v in t.desired.items()},
+                     options={"prune": prune, "allow_mass_delete": allow_mass_delete})
+        out.write_text(json.dumps(saved, indent=2, default=str) + "\n")
+    if fmt == "json":
+        click.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        unmanaged = len(actual.unmanaged)
+        click.echo(render_plan.render_text(p, _colour(no_color), unmanaged), nl=False)
+        if out is not None:
+            click.echo(f"Saved the plan to {out}; apply exactly it with `vmflow apply {out}`.")
+    if not p.applyable:
+        sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_CHANGES if p.actionable else EXIT_OK)
+
+
+@cli.command()
+@click.argument("target", required=False, type=click.Path(path_type=Path), default=Path("."))
+@_target_options
+@click.option("--auto-approve", is_flag=True, help="Apply without asking.")
+@click.option("--lock-timeout", type=float, default=0.0, show_default=True,
+              help="Seconds to wait for another apply of the same program to finish.")
+@click.option("--keep-snapshots", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Snapshots vmflow keeps per VM; older ones are deleted.")
+@_no_color_option
+def apply(target: Path, state_dir, libvirt_uri, prune, allow_mass_delete, auto_approve, lock_timeout,
+          keep_snapshots, no_color) -> None:
+    """Make the VMs match the program (TARGET is a program folder, or a plan saved with `plan -o`).
+
+    Every change to an existing VM is preceded by a snapshot and followed by a check; a change that fails
+    is reverted to its snapshot and reported, and the apply goes on with the other VMs. A run that was
+    killed is resumed or rolled back by the next one, which says which.
+
+    \b
+    Examples:
+      vmflow apply examples/web --auto-approve
+      vmflow apply web.plan.json
+    """
+    import getpass
+
+    from controller import embedded, render_plan
+    from controller.apply import Applier, ApplyRefused
+    from controller.context import load, make_plan, open_store, vm_from_json
+    from controller.store import LockHeld
+
+    saved = None
+    if target.is_file() and target.suffix == ".json":
+        try:
+            saved = json.loads(target.read_text())
+            source = Path(saved["source"])
+        except (ValueError, KeyError, OSError) as e:
+            click.echo(f"error: `{target}` is not a saved plan: {e}", err=True)
+            sys.exit(EXIT_ERROR)
+        t = _load_target(source, saved.get("uri"), Path(saved["state_dir"]), no_color)
+        prune = saved["options"]["prune"]
+        allow_mass_delete = saved["options"]["allow_mass_delete"]
+        t.desired = {n: vm_from_json(v) for n, v in saved["desired"].items()}
+    else:
+        t = _load_target(target, libvirt_uri, state_dir, no_color)
+    colour = _colour(no_color)
+    store = open_store(t)
+    try:
+        store.acquire(t.program, f"{getpass.getuser()}", f"vmflow apply {target}", lock_timeout)
+    except LockHeld as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_ERROR)
+    try:
+        with _open_hypervisor(t.uri) as hv:
+            save = (lambda: embedded.save(t.state_dir, hv.export())) if t.embedded else (lambda: None)
+            p, actual = make_plan(t, hv, prune, allow_mass_delete)
+            if saved is not None:
+                now = render_plan.fingerprint(actual, [c.address for c in p.changes])
+                if now != saved.get("observed") or [c["address"] for c in saved["changes"]] != \
+                        [c.address for c in p.changes]:
+                    click.echo("error: the saved plan is stale: the VMs changed since it was made "
+                               "(by another apply, a morph or a change outside vmflow). Plan again.", err=True)
+                    sys.exit(EXIT_ERROR)
+            click.echo(render_plan.render_text(p, colour, len(actual.unmanaged)), nl=False)
+            if not p.applyable:
+                sys.exit(EXIT_ERROR)
+            applier = Applier(hv, store, keep_snapshots=keep_snapshots, saved=save,
+                              progress=lambda m: click.echo(m, err=True))
+            if not p.actionable:
+                for line in applier.recover():
+                    click.echo(f"recovered: {line}")
+                return
+            if not auto_approve and saved is None:
+                if not sys.stdin.isatty():
+                    click.echo("error: not applying without confirmation: pass --auto-approve, or save the plan "
+                               "with `vmflow plan -o FILE` and apply that file", err=True)
+                    sys.exit(EXIT_ERROR)
+                click.confirm("Apply these changes?", abort=True)
+            started = time.monotonic()
+            try:
+                result = applier.apply(p, t.program)
+            except ApplyRefused as e:
+                click.echo(f"error: nothing was changed: {e}", err=True)
+                sys.exit(EXIT_ERROR)
+            for line in result.recovered:
+                click.echo(f"recovered: {line}")
+            n = result.counts()
+            click.echo(f"Apply complete in {time.monotonic() - started:.1f}s: {n.get('applied', 0)} applied, "
+                       f"{n.get('rolled-back', 0)} rolled back, {n.get('failed', 0)} failed.")
+            for o in result.outcomes:
+                if o.result != "applied":
+                    click.echo(f"  {o.address}: {o.result}: {o.detail}")
+            if not result.ok:
+                sys.exit(EXIT_ERROR)
+    finally:
+        store.release(t.program)
+        store.close()
 
 
 # ------------------------------------------------------------------------------------------ entry point

@@ -218,7 +218,7 @@ def test_start_step_need_not_be_first(tmp_path):
     text, diags = run(write(tmp_path, wf))
     assert diags == []
     chain = chain_of(text)
-    assert list(steps_of(chain)) == ["last", "first"]  # JSON order
+    assert list(steps_of(chain)) == ["first", "last"]  # the start step first: a .flow chain starts there
     assert edges_of(chain) == [["first", "last"]]
 
 
@@ -679,7 +679,10 @@ def test_well_formed_workflows_give_text_that_parses(tmp_path, wf):
     chain = chain_of(flow)
     steps = steps_of(chain)
     assert len(steps) == len(wf["steps"])
-    for s, step in zip(wf["steps"], steps.values()):
+    # The start step comes first; the others keep their JSON order.
+    start = next(s for s in wf["steps"] if s["image_id"] == wf["start_image"])
+    ordered = [start] + [s for s in wf["steps"] if s is not start]
+    for s, step in zip(ordered, steps.values()):
         assert step.image.value == s["image_id"]
         assert io_of(step, "in") == s["input_data"] and io_of(step, "out") == s["output_data"]
     assert all(name in steps for line in edges_of(chain) for name in line)

@@ -1,0 +1,259 @@
+"""plan(desired, actual) -> Plan: a pure function, no I/O and no clock.
+
+It pairs VMs by name. Missing from actual: create. Owned and missing from desired: delete, only with
+`prune` (and never more than `mass_delete_share` of the owned VMs without `allow_mass_delete`). Present
+on both sides: the differences, each classed by what applying it costs:
+
+  ~  update live     within the hypervisor maxima: vCPUs up to max, balloon up to max memory, devices
+  ~! update restart  maxima, the boot image (OS swap keeps UUID, MACs and data disks): stop, redefine, start
+  -/+ replace        what cannot be changed in place (moving to another pool)
+  +  create, - delete
+
+Each change carries machine-readable reasons (specs/plan.md lists them) and the attribute paths that force
+a restart or a replacement. Drift, where actual differs from what vmflow last applied, is reported
+separately. A plan never promises what apply would refuse: capacity and maxima are checked here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from controller.state import ActualState, VmState
+
+
+class Action(str, Enum):
+    CREATE = "create"
+    UPDATE_LIVE = "update-live"
+    UPDATE_RESTART = "update-restart"
+    REPLACE = "replace"
+    DELETE = "delete"
+    NOOP = "no-op"
+
+    @property
+    def symbol(self) -> str:
+        return {"create": "+", "update-live": "~", "update-restart": "~!", "replace": "-/+", "delete": "-",
+                "no-op": " "}[self.value]
+
+
+class Reason(str, Enum):
+    NOT_FOUND = "not-found"                      # create: no such domain
+    REMOVED_FROM_PROGRAM = "removed-from-program"  # delete: owned, no longer declared
+    CPU_LIVE = "cpu-live"                        # vCPUs change within the current maximum
+    CPU_MAX = "cpu-max"                          # the vCPU maximum (the bound) changes
+    MEMORY_LIVE = "memory-live"                  # balloon target changes within the maximum
+    MEMORY_MAX = "memory-max"                    # the memory maximum (the bound) changes
+    IMAGE = "image"                              # a new boot image: OS swap
+    DISK_ADD = "disk-add"
+    DISK_REMOVE = "disk-remove"
+    DISK_RESIZE = "disk-resize"
+    NIC_ADD = "nic-add"
+    NIC_REMOVE = "nic-remove"
+    NIC_CHANGE = "nic-change"
+    NO_HOTPLUG = "no-hotplug"                    # live would do, but the driver cannot hotplug devices
+    POOL = "pool"                                # moving to another pool (host)
+    NOT_RUNNING = "not-running"                  # the domain is defined but stopped: start it
+    MORPHED = "morphed"                          # no-op: differs from the base by allowed, active morphs
+
+
+@dataclass(frozen=True)
+class Change:
+    address: str
+    action: Action
+    before: VmState | None
+    after: VmState | None
+    reasons: tuple[Reason, ...]
+    restart_paths: tuple[str, ...] = ()
+    replace_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Drift:
+    """Actual differs from what vmflow last applied, without a morph to explain it."""
+
+    address: str
+    path: str
+    applied: object
+    actual: object
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that makes the plan impossible to apply as is (apply refuses it too)."""
+
+    address: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Options:
+    prune: bool = False
+    allow_mass_delete: bool = False
+    mass_delete_share: float = 0.5
+    device_hotplug: bool = True  # False on libvirt's test driver
+    pools: dict = field(default_factory=dict)  # name -> (cpu, memory_kib) capacity, None for unlimited
+
+
+@dataclass(frozen=True)
+class Plan:
+    changes: tuple[Change, ...]
+    drift: tuple[Drift, ...]
+    problems: tuple[Problem, ...]
+    held_deletes: tuple[str, ...] = ()  # owned VMs not declared any more, kept because prune is off
+
+    @property
+    def applyable(self) -> bool:
+        return not self.problems
+
+    @property
+    def actionable(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.action is not Action.NOOP)
+
+    def counts(self) -> dict[str, int]:
+        out = {a.value: 0 for a in Action}
+        for c in self.changes:
+            out[c.action.value] += 1
+        return out
+
+
+def _diff_vm(want: VmState, have: VmState, opts: Options) -> Change:
+    reasons: list[Reason] = []
+    restart: list[str] = []
+    replace: list[str] = []
+    if want.pool != have.pool and have.pool is not None:
+        reasons.append(Reason.POOL)
+        replace.append("pool")
+    if want.max_vcpus != have.max_vcpus:
+        reasons.append(Reason.CPU_MAX)
+        restart.append("cpu.bound")
+    elif want.vcpus != have.vcpus and not _morphed(have, "cpu"):
+        reasons.append(Reason.CPU_LIVE)
+    if want.max_memory_kib != have.max_memory_kib:
+        reasons.append(Reason.MEMORY_MAX)
+        restart.append("memory.bound")
+    elif want.memory_kib != have.memory_kib and not _morphed(have, "memory"):
+        reasons.append(Reason.MEMORY_LIVE)
+    if want.image != have.image and not _morphed(have, "image"):
+        reasons.append(Reason.IMAGE)
+        restart.append("image")
+    wd = {d.name: d for d in want.disks}
+    hd = {d.name: d for d in have.disks}
+    for n in sorted(wd.keys() - hd.keys()):
+        reasons.append(Reason.DISK_ADD)
+        if not opts.device_hotplug:
+            restart.append(f"disk.{n}")
+    for n in sorted(hd.keys() - wd.keys()):
+        if _morphed(have, f"disk.{n}"):
+            continue
+        reasons.append(Reason.DISK_REMOVE)
+        if not opts.device_hotplug:
+            restart.append(f"disk.{n}")
+    for n in sorted(wd.keys() & hd.keys()):
+        if hd[n].size_kib and wd[n].size_kib != hd[n].size_kib:
+            reasons.append(Reason.DISK_RESIZE)
+            restart.append(f"disk.{n}.size")
+    wn = {n.name: n for n in want.nics}
+    hn = {n.name: n for n in have.nics}
+    for n in sorted(wn.keys() - hn.keys()):
+        reasons.append(Reason.NIC_ADD)
+        if not opts.device_hotplug:
+            restart.append(f"nic.{n}")
+    for n in sorted(hn.keys() - wn.keys()):
+        reasons.append(Reason.NIC_REMOVE)
+        if not opts.device_hotplug:
+            restart.append(f"nic.{n}")
+    for n in sorted(wn.keys() & hn.keys()):
+        a, b = wn[n], hn[n]
+        if (a.network, a.bridge, a.model) != (b.network, b.bridge, b.model) and not _morphed(have, f"nic.{n}"):
+            reasons.append(Reason.NIC_CHANGE)
+            if not opts.device_hotplug or a.model != b.model:
+                restart.append(f"nic.{n}")
+    if not opts.device_hotplug and any(r in reasons for r in (Reason.DISK_ADD, Reason.DISK_REMOVE,
+                                                              Reason.NIC_ADD, Reason.NIC_REMOVE)):
+        reasons.append(Reason.NO_HOTPLUG)
+    if not have.running and not reasons:
+        reasons.append(Reason.NOT_RUNNING)
+    address = f"vm.{want.name}"
+    if replace:
+        return Change(address, Action.REPLACE, have, want, tuple(reasons), tuple(restart), tuple(replace))
+    if restart:
+        return Change(address, Action.UPDATE_RESTART, have, want, tuple(reasons), tuple(restart))
+    if reasons:
+        return Change(address, Action.UPDATE_LIVE, have, want, tuple(reasons))
+    noop_reasons = (Reason.MORPHED,) if have.owner and have.owner.morphs else ()
+    return Change(address, Action.NOOP, have, want, noop_reasons)
+
+
+def _morphed(have: VmState, path: str) -> bool:
+    """True when an active morph explains a difference at `path` (morphs are allowed deviations)."""
+    return bool(have.owner) and any(m == path or m.startswith(path + ":") for m in have.owner.morphs)
+
+
+def _drift(have: VmState) -> list[Drift]:
+    """Actual against the base vmflow recorded when it last applied (morphs excepted)."""
+    if have.owner is None or not have.owner.base:
+        return []
+    base = have.owner.base
+    out = []
+    for path, actual in (("cpu", have.vcpus), ("cpu.bound", have.max_vcpus), ("memory", have.memory_kib),
+                         ("memory.bound", have.max_memory_kib)):
+        applied = base.get(path)
+        if applied is not None and applied != actual and not _morphed(have, path.split(".")[0]):
+            out.append(Drift(f"vm.{have.name}", path, applied, actual))
+    return out
+
+
+def plan(desired: dict[str, VmState], actual: ActualState, opts: Options = Options()) -> Plan:
+    changes: list[Change] = []
+    problems: list[Problem] = []
+    drift: list[Drift] = []
+    for name in sorted(desired):
+        want = desired[name]
+        have = actual.vms.get(name)
+        if have is None:
+            if any(u.name == name for u in actual.unmanaged):
+                problems.append(Problem(f"vm.{name}", f"a domain named `{name}` exists and is not managed by "
+                                        "vmflow; it is never changed: rename the vm or remove the domain"))
+                continue
+            changes.append(Change(f"vm.{name}", Action.CREATE, None, want, (Reason.NOT_FOUND,)))
+            continue
+        drift.extend(_drift(have))
+        changes.append(_diff_vm(want, have, opts))
+    owned_gone = sorted(n for n, v in actual.vms.items() if n not in desired)
+    held: tuple[str, ...] = ()
+    if owned_gone:
+        share = len(owned_gone) / max(len(actual.vms), 1)
+        if not opts.prune:
+            held = tuple(owned_gone)
+        elif share > opts.mass_delete_share and not opts.allow_mass_delete:
+            problems.append(Problem("program", f"the plan would delete {len(owned_gone)} of {len(actual.vms)} "
+                                    f"owned VMs ({share:.0%}); pass --allow-mass-delete if that is intended"))
+            held = tuple(owned_gone)
+        else:
+            for name in owned_gone:
+                changes.append(Change(f"vm.{name}", Action.DELETE, actual.vms[name], None,
+                                      (Reason.REMOVED_FROM_PROGRAM,)))
+    problems.extend(_capacity(desired, opts))
+    changes.sort(key=lambda c: c.address)
+    return Plan(tuple(changes), tuple(drift), tuple(problems), held)
+
+
+def _capacity(desired: dict[str, VmState], opts: Options) -> list[Problem]:
+    used: dict[str, list[int]] = {}
+    for vm in desired.values():
+        if vm.pool is None:
+            continue
+        u = used.setdefault(vm.pool, [0, 0])
+        u[0] += vm.vcpus
+        u[1] += vm.memory_kib
+    out = []
+    for pool, (cpu, mem) in sorted(used.items()):
+        cap = opts.pools.get(pool)
+        if not cap:
+            continue
+        ccpu, cmem = cap
+        if ccpu is not None and cpu > ccpu:
+            out.append(Problem(f"pool.{pool}", f"needs {cpu} vCPUs, has {ccpu}"))
+        if cmem is not None and mem > cmem:
+            out.append(Problem(f"pool.{pool}", f"needs {mem // 1024} MiB of memory, has {cmem // 1024} MiB"))
+    return out

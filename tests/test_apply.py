@@ -1,0 +1,288 @@
+"""plan and apply on libvirt's test driver (a real driver, embedded, persisted in a state folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller import domain_xml, embedded
+from controller.apply import Applier
+from controller.context import load, make_plan, open_store
+from controller.hypervisor import Hypervisor, HypervisorError
+from controller.plan import Action, Reason
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PROGRAM = """\
+pool rack1 {
+  host   = "test:///default"
+  cpu    = 64
+  memory = 256GiB
+}
+
+vm web {
+  image  = linux-base
+  pool   = rack1
+  cpu    = 2 .. 8
+  memory = 2GiB .. 8GiB
+
+  nic lan {
+    network = "default"
+  }
+}
+
+vm api {
+  image  = linux-base
+  pool   = rack1
+  cpu    = 1 .. 4
+  memory = 1GiB .. 4GiB
+}
+"""
+
+
+def vmflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NO_COLOR="1")
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@pytest.fixture
+def prog(tmp_path: Path) -> Path:
+    d = tmp_path / "prog"
+    d.mkdir()
+    (d / "main.flow").write_text(PROGRAM)
+    return d
+
+
+def edit(prog: Path, old: str, new: str) -> None:
+    f = prog / "main.flow"
+    text = f.read_text()
+    assert old in text
+    f.write_text(text.replace(old, new, 1))
+
+
+def observe(prog: Path):
+    with Hypervisor(embedded.uri(prog / ".vmflow")) as hv:
+        return hv.observe()
+
+
+def test_apply_then_plan_in_new_processes_is_empty(prog):
+    r = vmflow("plan", ".", cwd=prog)
+    assert r.returncode == 2, r.stderr
+    assert "Plan: 2 to add, 0 to change (0 live, 0 restart), 0 to replace, 0 to destroy." in r.stdout
+    r = vmflow("apply", ".", "--auto-approve", cwd=prog)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Apply complete" in r.stdout and "2 applied" in r.stdout
+    r = vmflow("plan", ".", cwd=prog)
+    assert r.returncode == 0, r.stdout
+    assert "No changes." in r.stdout
+    r = vmflow("apply", ".", "--auto-approve", cwd=prog)
+    assert r.returncode == 0 and "No changes." in r.stdout
+    vms = observe(prog).vms
+    assert vms["web"].vcpus == 2 and vms["web"].max_vcpus == 8
+    assert vms["web"].memory_kib == 2 * 1024 * 1024 and vms["web"].max_memory_kib == 8 * 1024 * 1024
+    assert [n.name for n in vms["web"].nics] == ["lan"]
+
+
+def test_live_and_restart_changes_are_classed_and_applied(prog):
+    assert vmflow("apply", ".", "--auto-approve", cwd=prog).returncode == 0
+    edit(prog, "cpu    = 2 .. 8", "cpu    = 4 .. 8")          # within the maximum: live
+    edit(prog, "cpu    = 1 .. 4", "cpu    = 1 .. 6")          # a new maximum: restart
+    r = vmflow("plan", ".", "--format", "json", cwd=prog)
+    assert r.returncode == 2
+    doc = json.loads(r.stdout)
+    by = {c["address"]: c for c in doc["changes"]}
+    assert by["vm.web"]["actions"] == ["update-live"] and by["vm.web"]["reason"] == ["cpu-live"]
+    assert by["vm.api"]["actions"] == ["update-restart"] and by["vm.api"]["forces_restart"] == ["cpu.bound"]
+    r = vmflow("apply", ".", "--auto-approve", cwd=prog)
+    assert r.returncode == 0, r.stdout + r.stderr
+    vms = observe(prog).vms
+    assert vms["web"].vcpus == 4 and vms["api"].max_vcpus == 6
+    assert any(s.startswith("vmflow-") for s in vms["web"].snapshots)
+    assert vmflow("plan", ".", cwd=prog).returncode == 0
+
+
+def test_prune_is_opt_in_and_mass_delete_is_guarded(prog):
+    assert vmflow("apply", ".", "--auto-approve", cwd=prog).returncode == 0
+    text = (prog / "main.flow").read_text()
+    (prog / "main.flow").write_text(text[: text.index("vm api")])
+    r = vmflow("plan", ".", cwd=prog)
+    assert r.returncode == 0 and "kept because --prune is not set" in r.stdout
+    r = vmflow("apply", ".", "--prune", "--auto-approve", cwd=prog)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert set(observe(prog).vms) == {"web"}
+    (prog / "main.flow").write_text(text[: text.index("vm web")])
+    r = vmflow("plan", ".", "--prune", cwd=prog)
+    assert r.returncode == 1 and "--allow-mass-delete" in r.stdout
+    assert vmflow("apply", ".", "--prune", "--allow-mass-delete", "--auto-approve", cwd=prog).returncode == 0
+    assert observe(prog).vms == {}
+
+
+def test_unmanaged_domains_are_listed_and_never_touched(prog):
+    state = prog / ".vmflow"
+    with Hypervisor(embedded.uri(state)) as hv:
+        hv.define("<domain type='test'><name>handmade</name><memory unit='KiB'>1024</memory>"
+                  "<vcpu>1</vcpu><os><type>hvm</type></os></domain>")
+        embedded.save(state, hv.export())
+    r = vmflow("apply", ".", "--prune", "--allow-mass-delete", "--auto-approve", cwd=prog)
+    assert r.returncode == 0
+    assert "1 domain not managed by vmflow left alone" in r.stdout
+    actual = observe(prog)
+    assert [u.name for u in actual.unmanaged] == ["handmade"]
+    edit(prog, "vm api {", "vm handmade {")
+    r = vmflow("plan", ".", cwd=prog)
+    assert r.returncode == 1 and "is not managed by vmflow" in r.stdout
+
+
+def test_saved_plan_applies_exactly_and_refuses_when_stale(prog, tmp_path):
+    plan_file = tmp_path / "p.json"
+    assert vmflow("plan", ".", "-o", str(plan_file), cwd=prog).returncode == 2
+    r = vmflow("apply", str(plan_file), cwd=prog)
+    assert r.returncode == 0, r.stdout + r.stderr
+    edit(prog, "cpu    = 2 .. 8", "cpu    = 3 .. 8")
+    assert vmflow("plan", ".", "-o", str(plan_file), cwd=prog).returncode == 2
+    with Hypervisor(embedded.uri(prog / ".vmflow")) as hv:  # someone changes the VM meanwhile
+        hv.set_vcpus("web", 5, live=True)
+        embedded.save(prog / ".vmflow", hv.export())
+    r = vmflow("apply", str(plan_file), cwd=prog)
+    assert r.returncode == 1 and "stale" in r.stderr
+
+
+def test_drift_is_reported_first(prog):
+    assert vmflow("apply", ".", "--auto-approve", cwd=prog).returncode == 0
+    with Hypervisor(embedded.uri(prog / ".vmflow")) as hv:
+        hv.set_vcpus("web", 3, live=True)
+        embedded.save(prog / ".vmflow", hv.export())
+    r = vmflow("plan", ".", cwd=prog)
+    assert r.returncode == 2
+    assert r.stdout.startswith("Drift:")
+    assert "vm.web  cpu: applied 2, now 3" in r.stdout
+
+
+def test_apply_without_approval_on_a_pipe_refuses(prog):
+    r = vmflow("apply", ".", cwd=prog)
+    assert r.returncode == 1 and "--auto-approve" in r.stderr
+    assert observe(prog).vms == {}
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+
+class Faulty(Hypervisor):
+    """Fails the n-th mutation (counting every mutating call) once, as a libvirt error would."""
+
+    MUTATIONS = ("define", "start", "stop", "undefine", "set_vcpus", "set_memory", "snapshot", "revert")
+
+    def __init__(self, uri: str, fail_at: int) -> None:
+        super().__init__(uri)
+        self.fail_at = fail_at
+        self.calls: list[str] = []
+        for m in self.MUTATIONS:
+            setattr(self, m, self._wrap(m, getattr(self, m)))
+
+    def _wrap(self, name, fn):
+        def call(*a, **kw):
+            self.calls.append(name)
+            if len(self.calls) == self.fail_at:
+                raise HypervisorError(name, "injected failure")
+            return fn(*a, **kw)
+        return call
+
+
+def _snapshot(prog: Path) -> dict:
+    return {n: (v.vcpus, v.max_vcpus, v.memory_kib, v.running) for n, v in observe(prog).vms.items()}
+
+
+def test_every_failing_call_leaves_each_vm_before_or_after(prog):
+    """For every libvirt mutation an apply makes, a run where that call fails once leaves every VM exactly
+    as it was before or exactly as desired, and the next apply converges."""
+    assert vmflow("apply", ".", "--auto-approve", cwd=prog).returncode == 0
+    edit(prog, "cpu    = 2 .. 8", "cpu    = 4 .. 8")
+    edit(prog, "cpu    = 1 .. 4", "cpu    = 1 .. 6")
+    edit(prog, "vm api {", "vm api2 {\n  image  = linux-base\n  cpu    = 1\n  memory = 1GiB\n}\n\nvm api {")
+    before = _snapshot(prog)
+    t = load(prog, None, None)
+    desired = {n: (v.vcpus, v.max_vcpus, v.memory_kib, True) for n, v in t.desired.items()}
+    state = prog / ".vmflow"
+    original = (state / "hypervisor.xml").read_text()
+    with Faulty(t.uri, fail_at=0) as hv:
+        plan, _ = make_plan(t, hv)
+        Applier(hv, open_store(t), keep_snapshots=3).apply(plan, t.program)
+        total = len(hv.calls)
+    (state / "hypervisor.xml").write_text(original)
+    assert total >= 8
+    for n in range(1, total + 1):
+        (state / "hypervisor.xml").write_text(original)
+        with Faulty(t.uri, fail_at=n) as hv:
+            plan, _ = make_plan(t, hv)
+            result = Applier(hv, open_store(t), keep_snapshots=3,
+                             saved=lambda: embedded.save(state, hv.export())).apply(plan, t.program)
+            assert not result.ok, f"call {n} ({hv.calls[n - 1]}) failed without a report"
+        after = _snapshot(prog)
+        for name in set(before) | set(desired):
+            got = after.get(name)
+            assert got in (before.get(name), desired.get(name)), (n, hv.calls[n - 1], name, got)
+        with Hypervisor(t.uri) as hv:
+            plan, _ = make_plan(t, hv)
+            Applier(hv, open_store(t), saved=lambda: embedded.save(state, hv.export())).apply(plan, t.program)
+        assert _snapshot(prog) == desired
+        with Hypervisor(t.uri) as hv:
+            assert not make_plan(t, hv)[0].actionable
+        assert open_store(t).unfinished() == []
+
+
+def test_interrupted_apply_is_rolled_back_by_the_next_run(prog):
+    """A journal intent without an outcome (the process died) is settled first, and said."""
+    assert vmflow("apply", ".", "--auto-approve", cwd=prog).returncode == 0
+    t = load(prog, None, None)
+    state = prog / ".vmflow"
+    with Hypervisor(t.uri) as hv:
+        store = open_store(t)
+        hv.snapshot("web", "vmflow-dead")
+        store.intent("dead", "vm.web", "update-live", "vmflow-dead", None)
+        hv.set_vcpus("web", 7, live=True)  # half-applied, then the process "died"
+        embedded.save(state, hv.export())
+    r = vmflow("apply", ".", "--auto-approve", cwd=prog)
+    assert "recovered: vm.web: an interrupted update-live was rolled back to snapshot vmflow-dead" in r.stdout
+    assert observe(prog).vms["web"].vcpus == 2
+
+
+def test_lock_is_exclusive_and_says_who(prog):
+    t = load(prog, None, None)
+    store = open_store(t)
+    store.acquire(t.program, "alice", "vmflow apply (by hand)")
+    try:
+        r = vmflow("apply", ".", "--auto-approve", cwd=prog)
+        assert r.returncode == 1
+        assert "another apply of `prog` is running: held by alice" in r.stderr
+    finally:
+        store.release(t.program)
+    assert vmflow("apply", ".", "--auto-approve", cwd=prog).returncode == 0
+
+
+def test_domain_xml_round_trip():
+    t_xml = domain_xml.render
+    from controller.state import DiskState, NicState, Ownership, VmState
+
+    vm = VmState("a", "linux-base", 2, 8, 1024, 4096, (DiskState("data", 2048, None),),
+                 (NicState("lan", "default", None, "virtio"),), owner=Ownership("p", "vm.a", "abc"), pool="r")
+    back = domain_xml.parse(t_xml(vm), running=True)
+    assert (back.vcpus, back.max_vcpus, back.memory_kib, back.max_memory_kib) == (2, 8, 1024, 4096)
+    assert [d.name for d in back.disks] == ["data"] and back.disks[0].size_kib == 2048
+    assert [n.name for n in back.nics] == ["lan"] and back.owner.revision == "abc" and back.pool == "r"
+
+
+@pytest.mark.parametrize("reason", list(Reason))
+def test_every_reason_is_documented(reason):
+    text = (ROOT / "specs" / "plan.md").read_text() if (ROOT / "specs" / "plan.md").exists() else ""
+    assert f"`{reason.value}`" in text, f"specs/plan.md does not document `{reason.value}`"
+
+
+@pytest.mark.parametrize("action", list(Action))
+def test_every_action_has_a_symbol(action):
+    assert action.symbol
