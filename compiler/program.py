@@ -21,6 +21,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from compiler import ast as A
@@ -115,11 +116,26 @@ def _walk(root: Path):
                 yield Path(dirpath) / f
 
 
+def _flow_files(directory: Path) -> list[Path]:
+    """The `.flow` files directly in a folder, in name order."""
+    with os.scandir(directory) as it:
+        names = sorted(e.name for e in it if e.name.endswith(EXTENSION) and e.is_file())
+    return [directory / n for n in names]
+
+
 def _display(path: Path) -> str:
+    """How a file is named in diagnostics: relative to the working folder. Computed per folder, since a
+    large program has many files in few folders."""
+    return os.path.join(_display_dir(str(path.parent), os.getcwd()), path.name)
+
+
+@lru_cache(maxsize=1024)
+def _display_dir(directory: str, cwd: str) -> str:
     try:
-        return os.path.relpath(path)
+        rel = os.path.relpath(directory, cwd)
     except ValueError:  # pragma: no cover - another drive on Windows
-        return str(path)
+        return directory
+    return "" if rel == "." else rel
 
 
 class Compiler:
@@ -166,16 +182,9 @@ class Compiler:
         by default the git repository holding the program, or else the program's own folder."""
         path = path.resolve() if path.exists() else path
         root = (root or find_root(path if path.is_dir() else path.parent)).resolve()
-        files = sorted(path.glob(f"*{EXTENSION}")) if path.is_dir() else [path]
         contents: dict[str, bytes] = {}
         diags: list[Diagnostic] = []
-        queue = list(files)
-        seen: set[Path] = set()
-        while queue:
-            f = queue.pop(0)
-            if f in seen:
-                continue
-            seen.add(f)
+        for f in _flow_files(path) if path.is_dir() else [path]:
             try:
                 data = f.read_bytes()
             except OSError as e:
@@ -260,12 +269,15 @@ class Compiler:
             diags.append(error("F212", "empty or invalid import path", imp.path.span, label="bad path"))
             return
         if not target.is_relative_to(root):
-            diags.append(error("F212", f"import `{raw}` leaves the program's root `{_display(root)}`",
-                               imp.path.span, label="outside the root",
-                               help="imports may only name files and folders inside the repository"))
+            where = os.path.relpath(root)
+            where = "the current folder" if where == "." else f"`{where}`"
+            diags.append(error("F212", f"import `{raw}` points outside the repository at {where}",
+                               imp.path.span, label="outside the repository",
+                               help="imports may only name files and folders inside the git repository that holds "
+                                    "the program (outside git: inside the program's own folder)"))
             return
         if target.is_dir():
-            files = sorted(target.glob(f"*{EXTENSION}"))
+            files = _flow_files(target)
         elif target.is_file():
             files = [target]
         else:
