@@ -31,6 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/compile.py
+	$(PY) bench/plan.py
 
 bless: $(STAMP)
 	VMFLOW_BLESS=1 $(PY) -m pytest -q tests/test_golden.py

@@ -74,7 +74,7 @@ def owned(actual: ActualState, program: str) -> ActualState:
 
 def make_plan(t: Target, hv: Hypervisor, prune: bool = False, allow_mass_delete: bool = False
               ) -> tuple[Plan, ActualState]:
-    actual = hv.observe()
+    actual = hv.observe(snapshots=False)
     return plan(t.desired, owned(actual, t.program), options(t, hv, prune, allow_mass_delete)), actual
 
 
