@@ -1,13 +1,15 @@
 """`make demo`: a guided tour on the embedded default, printed as the commands a user would type.
 
-It validates every example, shows the graph of the web tier, and shows the diagnostics of a deliberately
-broken copy of it (made in a temporary folder, so the examples stay valid).
+It validates every example, shows the graph of the web tier and the diagnostics of a deliberately broken
+program, then plans and applies the web tier on the embedded default (libvirt's test driver, persisted in
+a temporary state folder), changes it, and plans and applies again. The examples themselves stay untouched.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,7 +83,21 @@ def main() -> None:
         code = run("validate", str(broken), cwd=Path(d))
         print(f"(exit code {code}: 1 means the program has errors)")
     run("explain", "F304")
-    print("\nNext: `vmflow --help`, specs/language.md, and `make test`.")
+    with tempfile.TemporaryDirectory(prefix="vmflow-demo-") as d:
+        web = Path(d) / "web"
+        shutil.copytree(ROOT / "examples" / "web", web)
+        print("\nPlan and apply on the embedded default: libvirt's test driver, its state kept in web/.vmflow/.")
+        run("plan", "web", cwd=Path(d))
+        run("apply", "web", "--auto-approve", cwd=Path(d))
+        run("plan", "web", cwd=Path(d))
+        flow = web / "web.flow"
+        flow.write_text(flow.read_text().replace("cpu    = 2 .. 8", "cpu    = 4 .. 8", 1)
+                        .replace("memory = 4GiB .. 16GiB", "memory = 4GiB .. 12GiB", 1))
+        print("\nweb.flow now starts `web` with 4 vCPUs and lowers its memory bound to 12GiB; a bound is the"
+              "\nhypervisor's maximum, which cannot change while the VM runs, so this change restarts it:")
+        run("plan", "web", cwd=Path(d))
+        run("apply", "web", "--auto-approve", cwd=Path(d))
+    print("\nNext: `vmflow --help`, specs/language.md, specs/plan.md, and `make test`.")
 
 
 if __name__ == "__main__":
