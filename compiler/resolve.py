@@ -545,7 +545,8 @@ def _actions(ctx: _Ctx, items, where: str) -> tuple[list[M.Action], float | None
     return actions, cooldown, revert, ok
 
 
-def _morph_kind(actions: list[M.Action]) -> set[M.MorphKind]:
+def morph_kinds(actions) -> set[M.MorphKind]:
+    """The morph kinds a list of actions belongs to (a valid morph has exactly one)."""
     kinds = set()
     for a in actions:
         if isinstance(a, M.AdjustAction):
@@ -567,7 +568,7 @@ def _morph(ctx: _Ctx, vm: str, m: A.Morph) -> M.MorphSpec | None:
         ctx.err("F204", f"{where} has no action", m.name.span, label="does nothing",
                 help="add an action such as `cpu += 2` or `swap image NAME`")
         return None
-    kinds = _morph_kind(actions)
+    kinds = morph_kinds(actions)
     if len(kinds) > 1:
         ctx.err("F205", f"{where} mixes {' and '.join(sorted(k.value for k in kinds))} actions", m.name.span,
                 label="one kind of change per morph", help="split it into one morph per kind")
@@ -659,6 +660,7 @@ def _chain(ctx: _Ctx, c: A.Chain) -> M.ChainSpec | None:
             steps[sname] = M.StepSpec(cname, sname, None, ctx.name(it.vm.value), (), (), None, None, None, None,
                                       None, None, tuple(actions), it.name.span, it.vm.span)
     edges: list[M.EdgeSpec] = []
+    seen_edges: dict[tuple[str, str], A.Span] = {}
     for it in c.items:
         if not isinstance(it, A.Edge):
             continue
@@ -679,6 +681,12 @@ def _chain(ctx: _Ctx, c: A.Chain) -> M.ChainSpec | None:
         for a, b in zip(it.path, it.path[1:]):
             # A condition guards the first hop only: `a -> b -> c when x` branches from a to b.
             first = a is it.path[0]
+            if (a.value, b.value) in seen_edges:
+                ctx.err("F214", f"the edge `{a.value} -> {b.value}` is declared twice", b.span,
+                        label="declared again", labels=(Label(seen_edges[(a.value, b.value)], "first declared here"),),
+                        help="one edge per pair of steps; put the condition on that one")
+                continue
+            seen_edges[(a.value, b.value)] = b.span
             edges.append(M.EdgeSpec(a.value, b.value, cond if first else None, it.span, a.span, b.span))
     for s in steps.values():
         if s.on_error is not None and s.on_error not in steps:

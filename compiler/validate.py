@@ -13,6 +13,7 @@ import networkx as nx
 from compiler import model as M
 from compiler.diagnostics import Diagnostic, Label, did_you_mean, error
 from compiler.images import Catalog, check_source_path
+from compiler.resolve import morph_kinds as resolve_kinds
 from compiler.units import format_bytes
 
 # The capability an image must declare for each morph kind to be applied live.
@@ -83,10 +84,11 @@ class _Checker:
             if diag is not None:
                 self.diags.append(diag)
 
-    def morph(self, vm: M.VmSpec, img, m: M.MorphSpec) -> None:
+    def morph(self, vm: M.VmSpec, img, m: M.MorphSpec, what: str | None = None) -> None:
+        what = what or f"morph `{m.name}`"
         need = CAPABILITY.get(m.kind)
         if img is not None and need and not set(need) & img.capabilities:
-            self.err("F304", f"morph `{m.name}` needs {_WORDS[need[0]]}, which image `{img.id}` does not support",
+            self.err("F304", f"{what} needs {_WORDS[need[0]]}, which image `{img.id}` does not support",
                      m.span, label=f"a {m.kind.value} morph",
                      help=f"use an image whose capabilities include `{need[0]}`",
                      labels=(Label(img.span, f"`{img.id}` declares its capabilities here"),))
@@ -100,7 +102,7 @@ class _Checker:
                     nics.add(a.nic.name)
         for a in m.actions:
             if isinstance(a, M.AdjustAction):
-                self.adjust(vm, m.name, a)
+                self.adjust(vm, what, a)
             elif isinstance(a, M.DetachAction):
                 known = disks if a.device == "disk" else nics
                 if a.name not in known:
@@ -126,10 +128,9 @@ class _Checker:
                                      label="cannot swap to this image",
                                      labels=(Label(target.span, f"`{target.id}` sets its limits here"),))
 
-    def adjust(self, vm: M.VmSpec, morph: str, a: M.AdjustAction) -> None:
+    def adjust(self, vm: M.VmSpec, where: str, a: M.AdjustAction) -> None:
         r = vm.cpu if a.resource == "cpu" else vm.memory
         res = a.resource
-        where = f"morph `{morph}`"
         if a.op == "set":
             if not r.base <= a.amount <= r.bound and a.amount > r.bound:
                 self.err("F305", f"{where} sets `{res}` to {_fmt(res, a.amount)}, beyond vm `{vm.name}`'s bound "
@@ -182,6 +183,28 @@ class _Checker:
                     self.err("F303", f"pool `{name}` is over capacity: its VMs start with {_amount(res, total)}, "
                              f"it has {_amount(res, cap)}", pool.span, label="over capacity",
                              help="raise the pool's capacity, shrink the VMs or move some to another pool")
+            if pool.disk is not None:
+                disks = sum(d.size for vm in vms for d in vm.disks)
+                if disks > pool.disk:
+                    self.err("F303", f"pool `{name}` is over capacity: its VMs' disks need {format_bytes(disks)}, "
+                             f"it has {format_bytes(pool.disk)}", pool.span, label="over capacity",
+                             help="raise the pool's `disk`, shrink the disks or move some VMs to another pool")
+
+    def morph_steps(self) -> None:
+        """A morph run as a chain step is held to the same rules as a morph rule of its VM."""
+        for c in self.p.chains.values():
+            for s in c.steps:
+                vm = self.p.vms.get(s.vm) if s.vm else None
+                if vm is None or not s.actions:
+                    continue
+                kinds = resolve_kinds(s.actions)
+                kind = next(iter(kinds)) if len(kinds) == 1 else None
+                if kind is None:
+                    self.err("F205", f"step `{s.name}` mixes {' and '.join(sorted(k.value for k in kinds))} actions",
+                             s.span, label="one kind of change per step", help="split it into one step per kind")
+                    continue
+                spec = M.MorphSpec(vm.name, s.name, kind, M.AllOf((), s.span), s.actions, None, None, s.span)
+                self.morph(vm, self.cat.get(vm.image), spec, what=f"step `{s.name}`")
 
     # -- chains
     def chain(self, c: M.ChainSpec) -> None:
@@ -293,9 +316,10 @@ def check_chain(chain: M.ChainSpec, catalog: Catalog) -> list[Diagnostic]:
 
 
 def check_program(program: M.Program, catalog: Catalog) -> list[Diagnostic]:
-    """The checks that read several blocks at once (pool capacity)."""
+    """The checks that read several blocks at once (pool capacity, morph steps against their VMs)."""
     c = _Checker(program, catalog)
     c.pools()
+    c.morph_steps()
     return c.diags
 
 
@@ -306,4 +330,5 @@ def validate(program: M.Program, catalog: Catalog) -> list[Diagnostic]:
     for ch in program.chains.values():
         c.chain(ch)
     c.pools()
+    c.morph_steps()
     return c.diags
