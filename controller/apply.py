@@ -121,7 +121,7 @@ class Applier:
                         self.hv.stop(name)
                         self.hv.undefine(name)
                     said.append(f"{e.address}: an interrupted delete was finished")
-                elif e.snapshot and self.hv.exists(name):
+                elif e.snapshot and self.hv.exists(name) and self.hv.has_snapshot(name, e.snapshot):
                     self.hv.revert(name, e.snapshot)
                     if e.op == "update-restart" or not self._running(name):
                         self._ensure_running(name)
@@ -185,18 +185,13 @@ class Applier:
         if c.action is Action.CREATE:
             self._create(c.after, apply_id)
         elif c.action is Action.DELETE:
-            entry = self.store.intent(apply_id, c.address, "delete", None, None)
-            self.hv.stop(name)
-            self.hv.undefine(name)
-            self.store.settle(entry, "done")
+            self._delete(name, c.address, apply_id)
         elif c.action is Action.REPLACE:
-            entry = self.store.intent(apply_id, c.address, "delete", None, None)
-            self.hv.stop(name)
-            self.hv.undefine(name)
-            self.store.settle(entry, "done")
+            self._delete(name, c.address, apply_id)
             self._create(c.after, apply_id)
         else:
             self.hv.snapshot(name, snapshot)
+            self.saved()  # the snapshot must outlive this process before the journal can name it
             entry = self.store.intent(apply_id, c.address, c.action.value, snapshot, None)
             want = _with_revision(c.after, self.revision)
             try:
@@ -205,7 +200,7 @@ class Applier:
                         self.hv.set_vcpus(name, want.vcpus, live=c.before.running)
                     if c.before.memory_kib != want.memory_kib:
                         self.hv.set_memory(name, want.memory_kib, live=c.before.running)
-                    self.hv.define(domain_xml.render(want, domain_type=self.hv.domain_type, uuid=c.before.uuid))
+                    self.hv.set_owner(name, domain_xml.ownership_metadata(want))
                     self._ensure_running(name)
                 else:
                     self.hv.stop(name)
@@ -216,6 +211,17 @@ class Applier:
                 self._rollback(name, snapshot, entry, err)
             self.store.settle(entry, "done")
             self._prune_snapshots(name)
+
+    def _delete(self, name: str, address: str, apply_id: str) -> None:
+        entry = self.store.intent(apply_id, address, "delete", None, None)
+        try:
+            if self.hv.exists(name):  # already gone (a recovered run finished it) counts as done
+                self.hv.stop(name)
+                self.hv.undefine(name)
+        except HypervisorError as err:
+            self.store.settle(entry, "failed", str(err))
+            raise
+        self.store.settle(entry, "done")
 
     def _create(self, want: VmState, apply_id: str) -> None:
         want = _with_revision(want, self.revision)

@@ -497,6 +497,11 @@ def apply(target: Path, state_dir, libvirt_uri, prune, allow_mass_delete, auto_a
     try:
         with _open_hypervisor(t.uri) as hv:
             save = (lambda: embedded.save(t.state_dir, hv.export())) if t.embedded else (lambda: None)
+            applier = Applier(hv, store, keep_snapshots=keep_snapshots, saved=save,
+                              progress=lambda m: click.echo(m, err=True))
+            # A run killed half-way is settled first, so that the plan starts from a consistent state.
+            for line in applier.recover():
+                click.echo(f"recovered: {line}")
             p, actual = make_plan(t, hv, prune, allow_mass_delete)
             if saved is not None:
                 now = render_plan.fingerprint(actual, [c.address for c in p.changes])
@@ -508,11 +513,7 @@ def apply(target: Path, state_dir, libvirt_uri, prune, allow_mass_delete, auto_a
             click.echo(render_plan.render_text(p, colour, len(actual.unmanaged)), nl=False)
             if not p.applyable:
                 sys.exit(EXIT_ERROR)
-            applier = Applier(hv, store, keep_snapshots=keep_snapshots, saved=save,
-                              progress=lambda m: click.echo(m, err=True))
             if not p.actionable:
-                for line in applier.recover():
-                    click.echo(f"recovered: {line}")
                 return
             if not auto_approve and saved is None:
                 if not sys.stdin.isatty():

@@ -40,6 +40,25 @@ def ownership_xml(owner: Ownership) -> ET.Element:
     return rec
 
 
+def applied_owner(vm: VmState) -> Ownership:
+    """The ownership record for a VM as it is being applied: its base is the spec being applied."""
+    owner = vm.owner or Ownership("", f"vm.{vm.name}", None)
+    # The base as applied: drift is measured against it, and morphs are deviations from it.
+    base = dict(owner.base, image=vm.image, pool=vm.pool, disk_sizes={d.name: d.size_kib for d in vm.disks},
+                **{"cpu": vm.vcpus, "cpu.bound": vm.max_vcpus, "memory": vm.memory_kib,
+                   "memory.bound": vm.max_memory_kib})
+    return Ownership(owner.program, owner.address, owner.revision, base, owner.morphs,
+                     tuple(n.name for n in vm.nics))
+
+
+def ownership_metadata(vm: VmState) -> str:
+    """The record as libvirt's metadata API takes it: one element, the namespace given separately."""
+    rec = ownership_xml(applied_owner(vm))
+    for el in rec.iter():
+        el.tag = el.tag.split("}", 1)[-1]
+    return ET.tostring(rec, encoding="unicode")
+
+
 def _ownership(root: ET.Element) -> Ownership | None:
     rec = root.find(f"metadata/{_NS}owner")
     if rec is None:
@@ -115,13 +134,7 @@ def render(vm: VmState, *, domain_type: str = "test", boot_disk: str | None = No
     if uuid or vm.uuid:
         ET.SubElement(dom, "uuid").text = uuid or vm.uuid
     meta = ET.SubElement(dom, "metadata")
-    owner = vm.owner or Ownership("", f"vm.{vm.name}", None)
-    # The base as applied: drift is measured against it, and morphs are deviations from it.
-    base = dict(owner.base, image=vm.image, pool=vm.pool, disk_sizes={d.name: d.size_kib for d in vm.disks},
-                **{"cpu": vm.vcpus, "cpu.bound": vm.max_vcpus, "memory": vm.memory_kib,
-                   "memory.bound": vm.max_memory_kib})
-    meta.append(ownership_xml(Ownership(owner.program, owner.address, owner.revision, base, owner.morphs,
-                                        tuple(n.name for n in vm.nics))))
+    meta.append(ownership_xml(applied_owner(vm)))
     ET.SubElement(dom, "memory", unit="KiB").text = str(vm.max_memory_kib)
     ET.SubElement(dom, "currentMemory", unit="KiB").text = str(vm.memory_kib)
     ET.SubElement(dom, "vcpu", placement="static", current=str(vm.vcpus)).text = str(vm.max_vcpus)

@@ -26,6 +26,8 @@ def node_path(state_dir: Path) -> Path:
 def uri(state_dir: Path) -> str:
     """The libvirt URI of the embedded hypervisor; creates an empty node file the first time."""
     path = node_path(state_dir).resolve()
+    for stray in path.parent.glob(".hypervisor-*.xml"):  # left by a process killed while saving
+        stray.unlink(missing_ok=True)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(path, "<node>\n</node>\n")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import libvirt
 
 from controller import domain_xml
-from controller.state import ActualState, Unmanaged, VmState
+from controller.state import METADATA_NS, METADATA_PREFIX, ActualState, Unmanaged, VmState
 
 # Without a handler libvirt prints every error to stderr, even those vmflow handles.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -133,8 +133,20 @@ class Hypervisor:
         self._call("set vcpus", name, lambda d: d.setVcpusFlags(count, flags))
 
     def set_memory(self, name: str, kib: int, live: bool) -> None:
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
-        self._call("set memory", name, lambda d: d.setMemoryFlags(kib, flags))
+        # Two calls: some drivers (the test driver among them) refuse LIVE and CONFIG together here.
+        if live:
+            self._call("set memory", name, lambda d: d.setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_LIVE))
+        self._call("set memory", name, lambda d: d.setMemoryFlags(kib, libvirt.VIR_DOMAIN_AFFECT_CONFIG))
+
+    def set_owner(self, name: str, record: str) -> None:
+        """Replace vmflow's ownership record, in the running domain and in its config alike."""
+        def put(d):
+            flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if d.isActive() else 0)
+            d.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, record, METADATA_PREFIX, METADATA_NS, flags)
+        self._call("set owner", name, put)
+
+    def has_snapshot(self, name: str, snapshot: str) -> bool:
+        return snapshot in self._call("list snapshots", name, lambda d: d.snapshotListNames())
 
     def snapshot(self, name: str, snapshot: str) -> None:
         xml = f"<domainsnapshot><name>{snapshot}</name><description>vmflow</description></domainsnapshot>"

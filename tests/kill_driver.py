@@ -4,15 +4,16 @@ tests/test_kill.py).
     python tests/kill_driver.py PROGRAM_DIR none            apply to the end, print the trace as JSON
     python tests/kill_driver.py PROGRAM_DIR KIND:N:WHEN     die right before or after the N-th event of KIND
 
-It does what `vmflow apply --prune --auto-approve` does (load, take the lock, plan, apply, persist the
-embedded hypervisor after every settled change) with the library's own pieces, and counts the events
-a kill can fall between:
+It does what `vmflow apply --prune --auto-approve --keep-snapshots 1` does (load, take the lock, plan,
+apply, persist the embedded hypervisor after every settled change) with the library's own pieces, and
+counts the events a kill can fall between:
 
   call     a mutating Hypervisor call (define, start, stop, undefine, set_vcpus, set_memory, snapshot,
-           revert, delete_snapshot)
+           set_owner, revert, delete_snapshot)
   intent   a journal intent written (Store.intent)
   settle   a journal outcome written (Store.settle)
   save     the embedded hypervisor's state written to <state-dir>/hypervisor.xml (the `saved` callback)
+  rename   inside a save: the new state is in a temporary file, about to replace hypervisor.xml
 
 WHEN is `before` or `after` the event. The kill is `os.kill(os.getpid(), SIGKILL)`: no finally block,
 no atexit handler and no SQLite close runs, as when the machine's OOM killer or an operator's
@@ -34,7 +35,7 @@ from controller.context import load, make_plan
 from controller.hypervisor import Hypervisor
 from controller.store import Store
 
-MUTATIONS = ("define", "start", "stop", "undefine", "set_vcpus", "set_memory", "snapshot", "revert",
+MUTATIONS = ("define", "start", "stop", "undefine", "set_vcpus", "set_memory", "set_owner", "snapshot", "revert",
              "delete_snapshot")
 
 
@@ -54,7 +55,7 @@ class Events:
         n = self.counts.get(kind, 0) + 1
         self.counts[kind] = n
         self._maybe_die(kind, n, "before")
-        self.trace.append({"kind": kind, "n": n, "what": what})
+        self.trace.append(f"{kind} {what}")
         return n
 
     def after(self, kind: str, n: int) -> None:
@@ -108,9 +109,24 @@ def killing_store(events: Events) -> type[Store]:
     return KillingStore
 
 
+def counting_replace(events: Events):
+    """os.replace, with the rename of the embedded hypervisor's state file as a counted event."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name != embedded.NODE_FILE:
+            return real(src, dst, *args, **kwargs)
+        n = events.before("rename", embedded.NODE_FILE)
+        real(src, dst, *args, **kwargs)
+        events.after("rename", n)
+
+    return replace
+
+
 def main() -> None:
     program_dir, spec = Path(sys.argv[1]), sys.argv[2]
     events = Events(spec)
+    os.replace = counting_replace(events)  # embedded.save renames through os.replace
     t = load(program_dir, None, None)
     assert t.compilation.ok and t.embedded, "the kill test drives the embedded default"
     store = killing_store(events)(t.state_dir / "vmflow.db")
@@ -118,7 +134,7 @@ def main() -> None:
     hv = killing_hypervisor(events)(t.uri)
 
     def saved() -> None:
-        n = events.before("save", "hypervisor.xml")
+        n = events.before("save", embedded.NODE_FILE)
         embedded.save(t.state_dir, hv.export())
         events.after("save", n)
 
