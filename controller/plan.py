@@ -99,7 +99,8 @@ class Plan:
     changes: tuple[Change, ...]
     drift: tuple[Drift, ...]
     problems: tuple[Problem, ...]
-    held_deletes: tuple[str, ...] = ()  # owned VMs not declared any more, kept because prune is off
+    held_deletes: tuple[str, ...] = ()  # owned VMs not declared any more, kept
+    held_because: str = "no-prune"  # "no-prune" | "mass-delete": why they are kept
 
     @property
     def applyable(self) -> bool:
@@ -221,6 +222,7 @@ def plan(desired: dict[str, VmState], actual: ActualState, opts: Options = Optio
         changes.append(_diff_vm(want, have, opts))
     owned_gone = sorted(n for n, v in actual.vms.items() if n not in desired)
     held: tuple[str, ...] = ()
+    held_because = "no-prune"
     if owned_gone:
         share = len(owned_gone) / max(len(actual.vms), 1)
         if not opts.prune:
@@ -229,13 +231,14 @@ def plan(desired: dict[str, VmState], actual: ActualState, opts: Options = Optio
             problems.append(Problem("program", f"the plan would delete {len(owned_gone)} of {len(actual.vms)} "
                                     f"owned VMs ({share:.0%}); pass --allow-mass-delete if that is intended"))
             held = tuple(owned_gone)
+            held_because = "mass-delete"
         else:
             for name in owned_gone:
                 changes.append(Change(f"vm.{name}", Action.DELETE, actual.vms[name], None,
                                       (Reason.REMOVED_FROM_PROGRAM,)))
     problems.extend(_capacity(desired, opts))
     changes.sort(key=lambda c: c.address)
-    return Plan(tuple(changes), tuple(drift), tuple(problems), held)
+    return Plan(tuple(changes), tuple(drift), tuple(problems), held, held_because)
 
 
 def _capacity(desired: dict[str, VmState], opts: Options) -> list[Problem]:
