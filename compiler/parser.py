@@ -274,7 +274,7 @@ class _Parser:
         self.comments.clear()
         try:
             items = (self.fast or self.plain).parse(text)
-        except UnexpectedInput as e:
+        except UnexpectedInput:
             if self.fast is not None:
                 # lark-cython's errors cannot list the acceptable tokens: ask the plain parser again.
                 try:

@@ -18,7 +18,7 @@ from typing import Callable
 from compiler import ast as A
 from compiler import model as M
 from compiler.diagnostics import Diagnostic, Label, did_you_mean, error, warning
-from compiler.units import MAX_VALUE, Dimension, convert, known_units, lookup
+from compiler.units import MAX_VALUE, Dimension, convert, known_units
 
 _FUNCS = {"avg", "max", "min", "forecast"}
 _PERCENTILE = re.compile(r"p(\d{1,2}(?:\.\d+)?)$")

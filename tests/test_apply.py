@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_runner import TWO_VMS, vmflow
 from controller import domain_xml, embedded
 from controller.apply import Applier
 from controller.context import load, make_plan, open_store
@@ -18,37 +16,9 @@ from controller.plan import Action, Reason
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PROGRAM = """\
-pool rack1 {
-  host   = "test:///default"
-  cpu    = 64
-  memory = 256GiB
-}
-
-vm web {
-  image  = linux-base
-  pool   = rack1
-  cpu    = 2 .. 8
-  memory = 2GiB .. 8GiB
-
-  nic lan {
-    network = "default"
-  }
-}
-
-vm api {
-  image  = linux-base
-  pool   = rack1
-  cpu    = 1 .. 4
-  memory = 1GiB .. 4GiB
-}
-"""
+PROGRAM = TWO_VMS
 
 
-def vmflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=120)
 
 
 @pytest.fixture

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_runner import vmflow
 
 from controller import embedded
 from controller.context import load
@@ -202,10 +203,6 @@ def _param(p: Point):
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def vmflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=60)
 
 
 def drive(prog: Path, spec: str) -> subprocess.CompletedProcess:

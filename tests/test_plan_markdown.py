@@ -7,13 +7,11 @@ The snapshot is tests/golden/plans/mixed.md, the bodies of the `mixed` plan case
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import TWO_VMS, vmflow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -164,37 +162,9 @@ def test_any_plan_renders_to_valid_bodies(inputs, max_chars: int, program: str, 
 
 # ------------------------------------------------------------------------------------------ CLI
 
-PROGRAM_TEXT = """\
-pool rack1 {
-  host   = "test:///default"
-  cpu    = 64
-  memory = 256GiB
-}
-
-vm web {
-  image  = linux-base
-  pool   = rack1
-  cpu    = 2 .. 8
-  memory = 2GiB .. 8GiB
-
-  nic lan {
-    network = "default"
-  }
-}
-
-vm api {
-  image  = linux-base
-  pool   = rack1
-  cpu    = 1 .. 4
-  memory = 1GiB .. 4GiB
-}
-"""
+PROGRAM_TEXT = TWO_VMS
 
 
-def vmflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=120)
 
 
 def test_cli_plan_format_markdown(tmp_path: Path) -> None:
