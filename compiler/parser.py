@@ -274,14 +274,15 @@ class _Parser:
         self.comments.clear()
         try:
             items = (self.fast or self.plain).parse(text)
-        except UnexpectedInput:
+        except UnexpectedInput as first_error:
+            found = first_error
             if self.fast is not None:
                 # lark-cython's errors cannot list the acceptable tokens: ask the plain parser again.
                 try:
                     self.plain.parse(text)
                 except UnexpectedInput as plain_error:
-                    e = plain_error
-            return None, [self._syntax_error(path, text, e)]
+                    found = plain_error
+            return None, [self._syntax_error(path, text, found)]
         except RecursionError:  # defensive: nothing in the parse recurses, but never show a traceback
             return None, [error("F105", "expression nested too deeply", A.Span(path, 0, 0))]
         if t.too_deep:
