@@ -14,6 +14,10 @@ Schema, one image per file, the file named after the id:
     os: debian-12                   # required string
     source: {path: linux-base.qcow2}        # required: exactly one of `path` (relative to the image
                                             # root) or `volume: {pool: ..., name: ...}`
+    boot:                           # optional: direct kernel boot, paths relative to the image root
+      kernel: boot/vmlinuz          # required within `boot`
+      initrd: boot/initrd.gz        # optional
+      cmdline: console=ttyS0 quiet  # optional string
     resources:                      # required
       cpu:    {min: 1, max: 16}     # whole vCPUs, 1 <= min <= max
       memory: {min: 512MiB, max: 16GiB}     # sizes with a byte unit, min <= max
@@ -89,7 +93,7 @@ MAX_DEPTH = 64
 MAX_NODES = 20_000
 
 # Bumped when the meaning of a schema changes, so caches keyed on `Catalog.fingerprint` are invalidated.
-_SCHEMA_VERSION = b"vmflow-images/1"
+_SCHEMA_VERSION = b"vmflow-images/2"
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:[.\-][A-Za-z0-9_]+)*")
 _VOLUME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+\-]*")
@@ -101,7 +105,8 @@ _FLOAT = "tag:yaml.org,2002:float"
 _BOOL = "tag:yaml.org,2002:bool"
 _NULL = "tag:yaml.org,2002:null"
 
-_TOP_FIELDS = ("id", "description", "os", "source", "resources", "capabilities", "roles", "inputs", "outputs")
+_TOP_FIELDS = ("id", "description", "os", "source", "boot", "resources", "capabilities", "roles", "inputs",
+               "outputs")
 _TOP_REQUIRED = ("id", "os", "source", "resources")
 
 
@@ -114,6 +119,15 @@ class Volume:
 
     pool: str
     name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Boot:
+    """Direct kernel boot: the kernel (and initrd) are files under the image root, not inside the disk."""
+
+    kernel: str  # normalized, relative to the image root
+    initrd: str | None
+    cmdline: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +158,7 @@ class Image:
     path: str  # the schema file, as registered in the SourceSet
     span: Span  # the id's value: where "image defined here" labels point
     source_span: Span | None  # the source path or volume value
+    boot: Boot | None = None  # None: the disk boots itself (firmware and bootloader)
 
     def supports(self, capability: str) -> bool:
         return capability in self.capabilities
@@ -513,6 +528,29 @@ class _FileCheck:
             return None, None, None
         return None, Volume(parts["pool"], parts["name"]), self.span(vnode)
 
+    def boot(self, key: ScalarNode, node: Node) -> Boot | None:
+        f = self.fields(node, "boot", ("kernel", "initrd", "cmdline"), ("kernel",), self.span(key))
+        if f is None:
+            return None
+        paths: dict[str, str | None] = {"kernel": None, "initrd": None}
+        for part in paths:
+            if part not in f:
+                continue
+            pnode = f[part][1]
+            text = self.string(f"boot.{part}", pnode, nonempty=False)
+            if text is None:
+                continue
+            problem = check_source_path(text, self.span(pnode))
+            if problem is not None:
+                self.failed = True
+                self.diags.append(problem)
+                continue
+            paths[part] = posixpath.normpath(text)
+        cmdline = self.string("boot.cmdline", f["cmdline"][1], nonempty=False) if "cmdline" in f else ""
+        if paths["kernel"] is None or cmdline is None or ("initrd" in f and paths["initrd"] is None):
+            return None
+        return Boot(paths["kernel"], paths["initrd"], cmdline)
+
     def range(self, where: str, key: ScalarNode, node: Node, read) -> tuple[int | None, int | None]:
         f = self.fields(node, where, ("min", "max"), ("min", "max"), self.span(key))
         if f is None:
@@ -573,6 +611,7 @@ class _FileCheck:
         path = volume = source_span = None
         if "source" in f:
             path, volume, source_span = self.source(*f["source"])
+        boot = self.boot(*f["boot"]) if "boot" in f else None
         cpu = memory = (None, None)
         if "resources" in f:
             rkey, rnode = f["resources"]
@@ -594,7 +633,7 @@ class _FileCheck:
             id=image_id, description=description, os=os_name, source_path=path, source_volume=volume,
             cpu_min=cpu[0], cpu_max=cpu[1], memory_min=memory[0], memory_max=memory[1],
             capabilities=frozenset(caps), roles=tuple(roles), inputs=tuple(inputs), outputs=tuple(outputs),
-            path=self.path, span=id_span, source_span=source_span,
+            path=self.path, span=id_span, source_span=source_span, boot=boot,
         ), image_id, id_span
 
 

@@ -2,11 +2,17 @@
 
 Every change is checked before the first mutation. Then, change by change:
 
-  create          journal intent → define → start → verify
-  update (live)   snapshot → journal intent → set vCPUs / memory live and in the config → verify
-  update (restart) snapshot → journal intent → stop → define the new config (same UUID) → start → verify
+  create          journal intent → make disks → define → start → verify
+  update (live)   snapshot → journal intent → set vCPUs / memory, attach / detach disks and NICs, live and
+                  in the config → verify
+  update (restart) snapshot → journal intent → graceful shutdown → define the inactive config edited into the
+                  new one (same UUID, MACs and data disks; a new boot overlay for an OS swap) → start → verify
   replace         delete, then create
   delete          journal intent → stop → undefine
+
+"Verify" re-observes the VM (vCPUs, memory, disks, NICs, running) and runs its declared health check
+(`agent`, `port(N)`, `app("x") running`) through the guest agent; on libvirt's test driver, which has no
+guest, health is "running". Disk files come from the image repository (controller/images_repo.py).
 
 A failed step or verification reverts the VM to its snapshot (a create is undefined), re-verifies, and
 reports "rolled back"; the apply goes on with the other VMs and always returns the partial result. A run
@@ -15,19 +21,22 @@ or finishes them (deletes) on the next run, and says which.
 
 CPU changes on a running VM only change the vCPUs that are online, up to the maximum the VM was defined
 with (its bound): on QEMU a snapshot taken after a live vCPU hotplug cannot be reverted, so vmflow
-defines every VM with its bound as the maximum from the start and grows within it.
+defines every VM with its bound as the maximum from the start and grows within it, and takes the snapshot
+before the hotplug. A rollback after a hotplug still has to load that snapshot into a process that has more
+vCPUs than it had: `Hypervisor.revert` then restarts the process from the snapshot.
 """
 
 from __future__ import annotations
 
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from controller import domain_xml
 from controller.hypervisor import Hypervisor, HypervisorError
-from controller.plan import Action, Change, Plan
+from controller.images_repo import ImageError, ImageRepo
+from controller.plan import Action, Change, Plan, Reason
 from controller.state import VmState
 from controller.store import Store
 
@@ -68,11 +77,10 @@ class VerifyError(Exception):
     pass
 
 
-def _verify(hv: Hypervisor, want: VmState) -> None:
-    """Re-observe the VM and check what the change promised."""
-    got = hv.observe().vms.get(want.name)
+def _verify_state(hv: Hypervisor, want: VmState) -> list[str]:
+    got = hv.observe(snapshots=False).vms.get(want.name)
     if got is None:
-        raise VerifyError(f"`{want.name}` is not there after the change")
+        return [f"`{want.name}` is not there after the change"]
     problems = []
     if not got.running:
         problems.append("not running")
@@ -82,6 +90,31 @@ def _verify(hv: Hypervisor, want: VmState) -> None:
         problems.append(f"at most {got.max_vcpus} vCPUs, expected {want.max_vcpus}")
     if got.memory_kib != want.memory_kib:
         problems.append(f"{got.memory_kib} KiB of memory, expected {want.memory_kib}")
+    if got.image != want.image:
+        problems.append(f"image {got.image}, expected {want.image}")
+    for what, a, b in (("disks", got.disks, want.disks), ("NICs", got.nics, want.nics)):
+        if sorted(x.name for x in a) != sorted(x.name for x in b):
+            problems.append(f"{what} {sorted(x.name for x in a)}, expected {sorted(x.name for x in b)}")
+    return problems
+
+
+def _verify(hv: Hypervisor, want: VmState, health: tuple[str, object] | None = None,
+            health_timeout: float = 20.0, settle: float = 10.0) -> None:
+    """Check the VM's health, then re-observe it and check what the change promised. Health first: it
+    waits for the guest to boot, and a booting guest reports its balloon size only once its driver loads.
+    Live changes reach the live XML through the guest: give them `settle` seconds to show."""
+    if not hv.exists(want.name):
+        raise VerifyError(f"`{want.name}` is not there after the change")
+    kind, arg = health or (None, None)
+    sick = hv.health(want.name, kind, arg, check_timeout=health_timeout)
+    if sick:
+        raise VerifyError(f"`{want.name}` is not healthy after the change: {sick}")
+    deadline = time.monotonic() + (settle if hv.capabilities.guest_agent else 0)
+    while True:
+        problems = _verify_state(hv, want)
+        if not problems or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     if problems:
         raise VerifyError(f"`{want.name}` after the change: " + ", ".join(problems))
 
@@ -89,15 +122,18 @@ def _verify(hv: Hypervisor, want: VmState) -> None:
 def _with_revision(vm: VmState, revision: str | None) -> VmState:
     if vm.owner is None:
         return vm
-    from dataclasses import replace
-
     return replace(vm, owner=replace(vm.owner, revision=revision))
 
 
 class Applier:
     def __init__(self, hv: Hypervisor, store: Store, *, revision: str | None = None, keep_snapshots: int = 3,
-                 progress: Callable[[str], None] = lambda _m: None, saved: Callable[[], None] = lambda: None) -> None:
+                 progress: Callable[[str], None] = lambda _m: None, saved: Callable[[], None] = lambda: None,
+                 images: ImageRepo | None = None, health: dict[str, tuple[str, object]] | None = None,
+                 health_timeout: float = 20.0) -> None:
         self.hv = hv
+        self.images = images  # None: no disk files are made (the XML names paths nothing reads)
+        self.health = health or {}  # vm name -> (kind, arg) of its declared health check
+        self.health_timeout = health_timeout
         self.store = store
         self.revision = revision
         self.keep = keep_snapshots
@@ -160,7 +196,7 @@ class Applier:
                 outcome = Outcome(change.address, change.action, "applied", time.perf_counter() - t)
             except _RolledBack as rb:
                 outcome = Outcome(change.address, change.action, "rolled-back", time.perf_counter() - t, str(rb))
-            except (HypervisorError, VerifyError) as err:
+            except (HypervisorError, VerifyError, ImageError) as err:
                 outcome = Outcome(change.address, change.action, "failed", time.perf_counter() - t, str(err))
             result.outcomes.append(outcome)
             self.progress(f"  {outcome.result} in {outcome.seconds:.2f}s" +
@@ -190,27 +226,85 @@ class Applier:
             self._delete(name, c.address, apply_id)
             self._create(c.after, apply_id)
         else:
-            self.hv.snapshot(name, snapshot)
+            if c.action is Action.UPDATE_RESTART and self.hv.capabilities.guest_agent:
+                # The restart loses the memory state anyway: snapshot the stopped VM. Such a snapshot
+                # reverts in milliseconds and, unlike a running one taken after a vCPU hotplug, always loads.
+                self.hv.shutdown(name)
+                try:
+                    self.hv.snapshot(name, snapshot)
+                except HypervisorError:
+                    self._ensure_running(name)
+                    raise
+            else:
+                self.hv.snapshot(name, snapshot)
             self.saved()  # the snapshot must outlive this process before the journal can name it
             entry = self.store.intent(apply_id, c.address, c.action.value, snapshot, None)
             want = _with_revision(c.after, self.revision)
             try:
                 if c.action is Action.UPDATE_LIVE:
-                    if c.before.vcpus != want.vcpus:
-                        self.hv.set_vcpus(name, want.vcpus, live=c.before.running)
-                    if c.before.memory_kib != want.memory_kib:
-                        self.hv.set_memory(name, want.memory_kib, live=c.before.running)
-                    self.hv.set_owner(name, domain_xml.ownership_metadata(want))
-                    self._ensure_running(name)
+                    self._live(name, c.before, want)
                 else:
-                    self.hv.stop(name)
-                    self.hv.define(domain_xml.render(want, domain_type=self.hv.domain_type, uuid=c.before.uuid))
-                    self.hv.start(name)
-                _verify(self.hv, want)
-            except (HypervisorError, VerifyError) as err:
+                    self._restart(name, c, want)
+                self._verify(want)
+            except (HypervisorError, VerifyError, ImageError) as err:
                 self._rollback(name, snapshot, entry, err)
             self.store.settle(entry, "done")
             self._prune_snapshots(name)
+
+    def _verify(self, want: VmState) -> None:
+        _verify(self.hv, want, self.health.get(want.name), self.health_timeout)
+
+    def _live(self, name: str, before: VmState, want: VmState) -> None:
+        """vCPUs, memory and devices on the running VM and in its config (the config alone when stopped)."""
+        hv = self.hv
+        if before.vcpus != want.vcpus:
+            hv.set_vcpus(name, want.vcpus, live=before.running)
+        if before.memory_kib != want.memory_kib:
+            hv.set_memory(name, want.memory_kib, live=before.running)
+        if hv.capabilities.device_hotplug:
+            have_disks = {d.name for d in before.disks}
+            want_disks = {d.name for d in want.disks}
+            for d in before.disks:
+                if d.name not in want_disks:
+                    hv.detach_disk(name, d.name)
+            for d in want.disks:
+                if d.name not in have_disks:
+                    path = (self.images.data_disk(name, d) if self.images
+                            else d.source or f"/var/lib/vmflow/{name}-{d.name}.qcow2")
+                    hv.attach_device(name, domain_xml.disk_xml(path, domain_xml.free_target(hv.xml(name)), d.name))
+            wanted = {n.name: n for n in want.nics}
+            for n in before.nics:
+                if n.name not in wanted and n.mac:
+                    hv.detach_nic(name, n.mac)
+                elif n.name in wanted and n.mac:
+                    w = wanted[n.name]
+                    if (w.network, w.bridge, w.model) != (n.network, n.bridge, n.model):
+                        hv.update_device(name, domain_xml.nic_xml(replace(w, mac=n.mac)))
+            have_nics = {n.name for n in before.nics}
+            for n in domain_xml.nic_order(before, want):
+                if n.name not in have_nics:
+                    hv.attach_device(name, domain_xml.nic_xml(n))
+        # Hot-plugged NICs are appended: the record names interfaces by position.
+        hv.set_owner(name, domain_xml.ownership_metadata(replace(want, nics=domain_xml.nic_order(before, want))))
+        self._ensure_running(name)
+
+    def _restart(self, name: str, c: Change, want: VmState) -> None:
+        """Graceful shutdown, then the domain's own inactive config edited into the new one: UUID, MACs,
+        data disks and anything other tools added stay. An OS swap gets a new overlay on the new image."""
+        hv = self.hv
+        before = c.before
+        swap = Reason.IMAGE in c.reasons or before.image != want.image
+        boot_disk = boot = None
+        if swap and self.images:
+            boot_disk = self.images.boot_disk(name, want.image)
+            boot = self.images.boot(want.image)
+        have_disks = {d.name for d in before.disks}
+        disk_paths = {d.name: self.images.data_disk(name, d) for d in want.disks
+                      if d.name not in have_disks} if self.images else {}
+        hv.shutdown(name)
+        hv.define(domain_xml.update(hv.xml(name, inactive=True), before, want, boot_disk=boot_disk, boot=boot,
+                                    disk_paths=disk_paths))
+        hv.start(name)
 
     def _delete(self, name: str, address: str, apply_id: str) -> None:
         entry = self.store.intent(apply_id, address, "delete", None, None)
@@ -227,10 +321,10 @@ class Applier:
         want = _with_revision(want, self.revision)
         entry = self.store.intent(apply_id, f"vm.{want.name}", "create", None, None)
         try:
-            self.hv.define(domain_xml.render(want, domain_type=self.hv.domain_type))
+            self.hv.define(self._render(want))
             self.hv.start(want.name)
-            _verify(self.hv, want)
-        except (HypervisorError, VerifyError) as err:
+            self._verify(want)
+        except (HypervisorError, VerifyError, ImageError) as err:
             try:
                 if self.hv.exists(want.name):
                     self.hv.stop(want.name)
@@ -242,15 +336,25 @@ class Applier:
             raise _RolledBack(f"{err}; the new VM was removed") from None
         self.store.settle(entry, "done")
 
+    def _render(self, want: VmState) -> str:
+        """A new VM's domain XML, with its disk files made first (a boot overlay, one file per data disk)."""
+        if self.images is None:
+            return domain_xml.render(want, domain_type=self.hv.domain_type)
+        repo = self.images
+        return domain_xml.render(
+            want, domain_type=self.hv.domain_type, boot_disk=repo.boot_disk(want.name, want.image),
+            disk_paths={d.name: repo.data_disk(want.name, d) for d in want.disks}, boot=repo.boot(want.image),
+            serial_log=repo.serial_log(want.name) if self.hv.domain_type != "test" else None)
+
     def _rollback(self, name: str, snapshot: str, entry: int, err: Exception) -> None:
         try:
-            self.hv.revert(name, snapshot)
+            how = self.hv.revert(name, snapshot)
             self._ensure_running(name)
         except HypervisorError as undo:
             self.store.settle(entry, "failed", f"{err}; reverting to {snapshot} failed too: {undo}")
-            raise
+            raise HypervisorError("rollback", f"{err}; reverting to {snapshot} failed too: {undo}") from None
         self.store.settle(entry, "undone", str(err))
-        raise _RolledBack(f"{err}; reverted to snapshot {snapshot}")
+        raise _RolledBack(f"{err}; reverted to snapshot {snapshot}" + (f" ({how})" if how else ""))
 
     def _prune_snapshots(self, name: str) -> None:
         """Keep the newest `keep` vmflow snapshots of a VM; older ones only cost disk space."""
@@ -258,8 +362,14 @@ class Applier:
         if vm is None:
             return
         ours = sorted(s for s in vm.snapshots if s.startswith(SNAPSHOT_PREFIX))
-        for old in ours[: max(len(ours) - self.keep, 0)]:
-            self.hv.delete_snapshot(name, old)
+        # The change is applied by now: pruning that fails costs disk space, not correctness.
+        try:
+            for old in ours[: max(len(ours) - self.keep, 0)]:
+                self.hv.delete_snapshot(name, old)
+            if self.images is not None:
+                self.images.forget_boot_disks(name, self.hv.disk_files(name))
+        except HypervisorError as err:
+            self.progress(f"  could not delete old snapshots of {name}: {err}")
 
 
 class _RolledBack(Exception):

@@ -364,19 +364,22 @@ def _target_options(f):
     f = click.option("--libvirt", "libvirt_uri", metavar="URI", envvar="VMFLOW_LIBVIRT",
                      help="The libvirt URI to manage (qemu:///system, qemu+ssh://host/system). Default: the "
                           "host the program's pools name, else the embedded test driver.")(f)
+    f = click.option("--image-root", type=click.Path(file_okay=False, path_type=Path), envvar="VMFLOW_IMAGE_ROOT",
+                     help="Where image files (qcow2 bases, kernels) are; image paths are relative to it "
+                          "(default: images/ in the state directory).")(f)
     f = click.option("--prune", is_flag=True, help="Delete VMs this program owns but no longer declares.")(f)
     f = click.option("--allow-mass-delete", is_flag=True,
                      help="Allow a prune that deletes more than half of the program's VMs.")(f)
     return f
 
 
-def _load_target(path: Path, libvirt_uri, state_dir, no_color: bool):
+def _load_target(path: Path, libvirt_uri, state_dir, no_color: bool, image_root=None):
     from controller.context import ContextError, load
 
     if not path.exists():
         raise click.UsageError(f"`{path}` does not exist")
     try:
-        t = load(path, libvirt_uri, state_dir)
+        t = load(path, libvirt_uri, state_dir, image_root=image_root)
     except ContextError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_ERROR)
@@ -402,11 +405,14 @@ def _open_hypervisor(uri: str):
 @cli.command()
 @click.argument("path", required=False, type=click.Path(path_type=Path), default=Path("."))
 @_target_options
-@click.option("-f", "--format", "fmt", type=click.Choice(("text", "json")), default="text", show_default=True)
+@click.option("-f", "--format", "fmt", type=click.Choice(("text", "json", "markdown")), default="text",
+              show_default=True,
+              help="text: for a terminal; json: specs/plan.md; markdown: pull-request comments, several when "
+                   "one would pass 65536 characters, separated by a line `<!-- vmflow: next comment -->`.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the plan; `vmflow apply FILE` applies exactly it, or refuses if the VMs changed since.")
 @_no_color_option
-def plan(path: Path, state_dir, libvirt_uri, prune, allow_mass_delete, fmt, out, no_color) -> None:
+def plan(path: Path, state_dir, libvirt_uri, image_root, prune, allow_mass_delete, fmt, out, no_color) -> None:
     """Show what applying the program would change, and why.
 
     Compares the program with what libvirt reports: `+` create, `~` update live, `~!` update with a
@@ -420,20 +426,26 @@ def plan(path: Path, state_dir, libvirt_uri, prune, allow_mass_delete, fmt, out,
       vmflow plan examples/web -o web.plan.json && vmflow apply web.plan.json
     """
     from controller import render_plan
-    from controller.context import make_plan, vm_to_json
+    from controller.context import image_notes, make_plan, vm_to_json
 
-    t = _load_target(path, libvirt_uri, state_dir, no_color)
+    t = _load_target(path, libvirt_uri, state_dir, no_color, image_root)
     with _open_hypervisor(t.uri) as hv:
         p, actual = make_plan(t, hv, prune, allow_mass_delete)
+        for note in image_notes(t, hv):
+            click.echo(f"note: {note}", err=True)
     observed = render_plan.fingerprint(actual, [c.address for c in p.changes])
     doc = render_plan.to_json(p, program=t.program, observed=observed)
     if out is not None:
         saved = dict(doc, source=str(t.program_dir), uri=t.uri, state_dir=str(t.state_dir),
+                     image_root=str(t.image_root),
                      desired={n: vm_to_json(v) for n, v in t.desired.items()},
                      options={"prune": prune, "allow_mass_delete": allow_mass_delete})
         out.write_text(json.dumps(saved, indent=2, default=str) + "\n")
     if fmt == "json":
         click.echo(json.dumps(doc, indent=2, default=str))
+    elif fmt == "markdown":
+        bodies = render_plan.render_markdown(p, program=t.program, unmanaged=len(actual.unmanaged))
+        click.echo(f"\n{render_plan.MARKDOWN_BREAK}\n".join(bodies), nl=False)
     else:
         unmanaged = len(actual.unmanaged)
         click.echo(render_plan.render_text(p, _colour(no_color), unmanaged), nl=False)
@@ -453,7 +465,7 @@ def plan(path: Path, state_dir, libvirt_uri, prune, allow_mass_delete, fmt, out,
 @click.option("--keep-snapshots", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Snapshots vmflow keeps per VM; older ones are deleted.")
 @_no_color_option
-def apply(target: Path, state_dir, libvirt_uri, prune, allow_mass_delete, auto_approve, lock_timeout,
+def apply(target: Path, state_dir, libvirt_uri, image_root, prune, allow_mass_delete, auto_approve, lock_timeout,
           keep_snapshots, no_color) -> None:
     """Make the VMs match the program (TARGET is a program folder, or a plan saved with `plan -o`).
 
@@ -470,7 +482,7 @@ def apply(target: Path, state_dir, libvirt_uri, prune, allow_mass_delete, auto_a
 
     from controller import embedded, render_plan
     from controller.apply import Applier, ApplyRefused
-    from controller.context import load, make_plan, open_store, vm_from_json
+    from controller.context import image_notes, image_repo, make_plan, open_store, vm_from_json
     from controller.store import LockHeld
 
     saved = None
@@ -481,12 +493,13 @@ def apply(target: Path, state_dir, libvirt_uri, prune, allow_mass_delete, auto_a
         except (ValueError, KeyError, OSError) as e:
             click.echo(f"error: `{target}` is not a saved plan: {e}", err=True)
             sys.exit(EXIT_ERROR)
-        t = _load_target(source, saved.get("uri"), Path(saved["state_dir"]), no_color)
+        t = _load_target(source, saved.get("uri"), Path(saved["state_dir"]), no_color,
+                         Path(saved["image_root"]) if saved.get("image_root") else image_root)
         prune = saved["options"]["prune"]
         allow_mass_delete = saved["options"]["allow_mass_delete"]
         t.desired = {n: vm_from_json(v) for n, v in saved["desired"].items()}
     else:
-        t = _load_target(target, libvirt_uri, state_dir, no_color)
+        t = _load_target(target, libvirt_uri, state_dir, no_color, image_root)
     colour = _colour(no_color)
     store = open_store(t)
     try:
@@ -498,7 +511,10 @@ def apply(target: Path, state_dir, libvirt_uri, prune, allow_mass_delete, auto_a
         with _open_hypervisor(t.uri) as hv:
             save = (lambda: embedded.save(t.state_dir, hv.export())) if t.embedded else (lambda: None)
             applier = Applier(hv, store, keep_snapshots=keep_snapshots, saved=save,
-                              progress=lambda m: click.echo(m, err=True))
+                              progress=lambda m: click.echo(m, err=True), images=image_repo(t, hv),
+                              health=t.health)
+            for note in image_notes(t, hv):
+                click.echo(f"note: {note}", err=True)
             # A run killed half-way is settled first, so that the plan starts from a consistent state.
             for line in applier.recover():
                 click.echo(f"recovered: {line}")

@@ -3,6 +3,9 @@
 The hypervisor is, in order: `--libvirt URI`; the one host the program's pools name; or the embedded
 default (libvirt's test driver persisted in the state directory, see controller/embedded.py). A pool host of
 `test:///default` also means the embedded default, since that URI's state would vanish with the process.
+
+Image files (boot disks, kernels) are looked up under the image root: `--image-root DIR`, else
+`VMFLOW_IMAGE_ROOT`, else `<state-dir>/images` (controller/images_repo.py).
 """
 
 from __future__ import annotations
@@ -14,8 +17,16 @@ from pathlib import Path
 from compiler.program import Compilation, Compiler
 from controller import embedded
 from controller.hypervisor import Hypervisor
+from controller.images_repo import ImageRepo, default_root
 from controller.plan import Options, Plan, plan
-from controller.state import (ActualState, DiskState, NicState, Ownership, VmState, desired_state)
+from controller.state import (
+    ActualState,
+    DiskState,
+    NicState,
+    Ownership,
+    VmState,
+    desired_state,
+)
 from controller.store import Store
 
 
@@ -31,13 +42,16 @@ class Target:
     uri: str
     state_dir: Path
     desired: dict[str, VmState]
+    image_root: Path | None = None
+    health: dict[str, tuple[str, object]] = dataclasses.field(default_factory=dict)  # vm -> (kind, arg)
 
     @property
     def embedded(self) -> bool:
         return embedded.is_embedded(self.uri)
 
 
-def load(path: Path, libvirt_uri: str | None, state_dir: Path | None, images=()) -> Target:
+def load(path: Path, libvirt_uri: str | None, state_dir: Path | None, images=(),
+         image_root: Path | None = None) -> Target:
     comp = Compiler(images=list(images)).compile_path(path)
     program_dir = path.resolve() if path.is_dir() else path.resolve().parent
     sdir = (state_dir or program_dir / ".vmflow").resolve()
@@ -57,7 +71,19 @@ def load(path: Path, libvirt_uri: str | None, state_dir: Path | None, images=())
         uri = embedded.uri(sdir)
     name = program_dir.name
     desired = {vm.name: desired_state(vm, name) for vm in comp.program.vms.values()}
-    return Target(program_dir, name, comp, uri, sdir, desired)
+    health = {vm.name: (vm.health.kind, vm.health.arg) for vm in comp.program.vms.values() if vm.health}
+    return Target(program_dir, name, comp, uri, sdir, desired, default_root(sdir, image_root), health)
+
+
+def image_repo(t: Target, hv: Hypervisor) -> ImageRepo:
+    """The image repository for this target; strict on real hypervisors, where a missing file is fatal."""
+    return ImageRepo(t.image_root or default_root(t.state_dir), t.state_dir, t.compilation.catalog,
+                     strict=hv.domain_type != "test")
+
+
+def image_notes(t: Target, hv: Hypervisor) -> list[str]:
+    """What plan and apply say about image files they cannot find (disks that will not be created)."""
+    return image_repo(t, hv).missing(v.image for v in t.desired.values())
 
 
 def options(t: Target, hv: Hypervisor, prune: bool, allow_mass_delete: bool) -> Options:

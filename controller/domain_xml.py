@@ -127,8 +127,15 @@ def parse(xml: str, snapshots: tuple[str, ...] = (), running: bool = False) -> V
 
 
 def render(vm: VmState, *, domain_type: str = "test", boot_disk: str | None = None,
-           disk_paths: dict[str, str] | None = None, uuid: str | None = None) -> str:
-    """Desired VmState → domain XML. `domain_type` is `test` on the test driver, `qemu`/`kvm` on QEMU."""
+           disk_paths: dict[str, str] | None = None, uuid: str | None = None, boot=None,
+           serial_log: str | None = None, hotplug_ports: int = 4) -> str:
+    """Desired VmState → domain XML. `domain_type` is `test` on the test driver, `qemu`/`kvm` on QEMU.
+
+    On QEMU: q35, every vCPU up to the bound defined and `vcpus` of them online, memory maximum = the bound
+    and the balloon at the base, direct kernel boot when the image has `boot` (an object with `kernel`,
+    `initrd`, `cmdline`), the guest-agent channel, the serial console appended to `serial_log` (a console
+    socket nobody reads stalls the guest), and `hotplug_ports` spare PCIe root ports for devices added later.
+    """
     dom = ET.Element("domain", type=domain_type)
     ET.SubElement(dom, "name").text = vm.name
     if uuid or vm.uuid:
@@ -138,28 +145,202 @@ def render(vm: VmState, *, domain_type: str = "test", boot_disk: str | None = No
     ET.SubElement(dom, "memory", unit="KiB").text = str(vm.max_memory_kib)
     ET.SubElement(dom, "currentMemory", unit="KiB").text = str(vm.memory_kib)
     ET.SubElement(dom, "vcpu", placement="static", current=str(vm.vcpus)).text = str(vm.max_vcpus)
+    qemu = domain_type in ("qemu", "kvm")
     os_el = ET.SubElement(dom, "os")
-    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+    ET.SubElement(os_el, "type", arch="x86_64", **({"machine": "q35"} if qemu else {})).text = "hvm"
+    if boot is not None:
+        _set_boot(os_el, boot)
+    if qemu:
+        features = ET.SubElement(dom, "features")
+        ET.SubElement(features, "acpi")
+        ET.SubElement(features, "apic")
+        # TCG cannot use the host's CPU model; `maximum` gives the guest every feature QEMU can emulate.
+        ET.SubElement(dom, "cpu", mode="maximum" if domain_type == "qemu" else "host-passthrough")
+        ET.SubElement(dom, "clock", offset="utc")
+        ET.SubElement(dom, "on_poweroff").text = "destroy"
+        ET.SubElement(dom, "on_reboot").text = "restart"
+        ET.SubElement(dom, "on_crash").text = "destroy"
     devices = ET.SubElement(dom, "devices")
     letters = iter("abcdefghijklmnopqrstuvwxyz")
     if boot_disk:
-        _disk(devices, boot_disk, f"vd{next(letters)}", "vmflow-boot")
+        _disk(devices, boot_disk, f"vd{next(letters)}", BOOT_SERIAL)
     for d in vm.disks:
         _disk(devices, (disk_paths or {}).get(d.name) or d.source or f"/var/lib/vmflow/{vm.name}-{d.name}.qcow2",
               f"vd{next(letters)}", d.name)
     for n in vm.nics:
-        kind = "bridge" if n.bridge else "network"
-        iface = ET.SubElement(devices, "interface", type=kind)
-        if n.mac:
-            ET.SubElement(iface, "mac", address=n.mac)
-        ET.SubElement(iface, "source", **({"bridge": n.bridge} if n.bridge else {"network": n.network or "default"}))
-        ET.SubElement(iface, "model", type=n.model)
+        devices.append(nic_element(n))
+    if qemu:
+        ch = ET.SubElement(devices, "channel", type="unix")
+        ET.SubElement(ch, "target", type="virtio", name=AGENT_CHANNEL)
+        if serial_log:
+            ser = ET.SubElement(devices, "serial", type="file")
+            # Appended, so restarts and snapshot reverts (a new QEMU process) keep the earlier output.
+            ET.SubElement(ser, "source", path=serial_log, append="on")
+            ET.SubElement(ser, "target", port="0")
+        balloon = ET.SubElement(devices, "memballoon", model="virtio")
+        ET.SubElement(balloon, "stats", period="2")
+        rng = ET.SubElement(devices, "rng", model="virtio")
+        ET.SubElement(rng, "backend", model="random").text = "/dev/urandom"
+        # libvirt fills free root ports with the devices defined now before adding its own, so the spares
+        # come on top of one port per PCIe device: disks, NICs, the agent's virtio-serial, balloon, rng.
+        # Controllers without an index are numbered in order: pcie-root must be first, as 0.
+        pcie = (1 if boot_disk else 0) + len(vm.disks) + len(vm.nics) + 3
+        ET.SubElement(devices, "controller", type="pci", index="0", model="pcie-root")
+        for _ in range(pcie + hotplug_ports):
+            ET.SubElement(devices, "controller", type="pci", model="pcie-root-port")
+        ET.SubElement(devices, "controller", type="usb", model="none")  # it would take a port for nothing
     return ET.tostring(dom, encoding="unicode")
 
 
-def _disk(devices: ET.Element, path: str, target: str, serial: str) -> None:
-    disk = ET.SubElement(devices, "disk", type="file", device="disk")
+BOOT_SERIAL = "vmflow-boot"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+def _set_boot(os_el: ET.Element, boot) -> None:
+    for tag in ("kernel", "initrd", "cmdline"):
+        for old in os_el.findall(tag):
+            os_el.remove(old)
+    ET.SubElement(os_el, "kernel").text = boot.kernel
+    if boot.initrd:
+        ET.SubElement(os_el, "initrd").text = boot.initrd
+    if boot.cmdline:
+        ET.SubElement(os_el, "cmdline").text = boot.cmdline
+
+
+def _disk_element(path: str, target: str, serial: str) -> ET.Element:
+    disk = ET.Element("disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="qcow2")
     ET.SubElement(disk, "source", file=path)
     ET.SubElement(disk, "target", dev=target, bus="virtio")
     ET.SubElement(disk, "serial").text = serial
+    return disk
+
+
+def _disk(devices: ET.Element, path: str, target: str, serial: str) -> None:
+    devices.append(_disk_element(path, target, serial))
+
+
+def nic_element(n: NicState) -> ET.Element:
+    kind = "bridge" if n.bridge else "network"
+    iface = ET.Element("interface", type=kind)
+    if n.mac:
+        ET.SubElement(iface, "mac", address=n.mac)
+    ET.SubElement(iface, "source", **({"bridge": n.bridge} if n.bridge else {"network": n.network or "default"}))
+    ET.SubElement(iface, "model", type=n.model)
+    return iface
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+
+def disk_xml(path: str, target: str, serial: str) -> str:
+    """One data disk's device XML, as attachDeviceFlags takes it."""
+    return ET.tostring(_disk_element(path, target, serial), encoding="unicode")
+
+
+def nic_xml(n: NicState) -> str:
+    return ET.tostring(nic_element(n), encoding="unicode")
+
+
+def free_target(xml: str) -> str:
+    """The first virtio target name (vda, vdb...) no disk of the domain uses."""
+    used = {t.get("dev") for t in ET.fromstring(xml).findall("devices/disk/target")}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        if f"vd{c}" not in used:
+            return f"vd{c}"
+    raise ValueError("no free virtio disk target")
+
+
+def find_disk(xml: str, serial: str) -> str | None:
+    """The device XML of the disk whose `<serial>` is `serial` (how vmflow names disks), or None."""
+    for d in ET.fromstring(xml).findall("devices/disk"):
+        if d.findtext("serial") == serial:
+            return ET.tostring(d, encoding="unicode")
+    return None
+
+
+def find_nic(xml: str, mac: str) -> str | None:
+    for n in ET.fromstring(xml).findall("devices/interface"):
+        m = n.find("mac")
+        if m is not None and (m.get("address") or "").lower() == mac.lower():
+            return ET.tostring(n, encoding="unicode")
+    return None
+
+
+def nic_order(have: VmState | None, want: VmState) -> tuple[NicState, ...]:
+    """Wanted NICs in device order: the ones kept stay where they are, new ones are appended (as hotplug
+    appends them). The ownership record names interfaces by position, so it must follow this order."""
+    wanted = {n.name: n for n in want.nics}
+    kept = [wanted[n.name] for n in (have.nics if have else ()) if n.name in wanted]
+    names = {n.name for n in kept}
+    return tuple(kept) + tuple(n for n in want.nics if n.name not in names)
+
+
+def update(xml: str, have: VmState, want: VmState, *, boot_disk: str | None = None, boot=None,
+           disk_paths: dict[str, str] | None = None) -> str:
+    """Edit a domain's inactive XML into `want`, keeping everything else (UUID, MACs, controllers, the data
+    disks that stay, whatever other tools added): what an update with a restart defines."""
+    from dataclasses import replace
+
+    root = ET.fromstring(xml)
+    root.find("memory").text = str(want.max_memory_kib)
+    root.find("memory").set("unit", "KiB")
+    cur = root.find("currentMemory")
+    if cur is None:
+        cur = ET.SubElement(root, "currentMemory")
+    cur.text, cur.attrib = str(want.memory_kib), {"unit": "KiB"}
+    vcpu = root.find("vcpu")
+    vcpu.text = str(want.max_vcpus)
+    vcpu.set("current", str(want.vcpus))
+    # Per-vCPU state (`<vcpus>`) written after a hotplug would contradict the new counts.
+    for el in root.findall("vcpus"):
+        root.remove(el)
+    if boot is not None:
+        _set_boot(root.find("os"), boot)
+    devices = root.find("devices")
+    wanted_disks = {d.name: d for d in want.disks}
+    present = set()
+    for d in list(devices.findall("disk")):
+        if d.get("device", "disk") != "disk":
+            continue
+        serial = d.findtext("serial")
+        if serial == BOOT_SERIAL:
+            if boot_disk:
+                d.find("source").set("file", boot_disk)
+            present.add(serial)
+        elif serial in wanted_disks:
+            present.add(serial)
+        else:
+            devices.remove(d)
+    if boot_disk and BOOT_SERIAL not in present:
+        devices.append(_disk_element(boot_disk, free_target(ET.tostring(root, encoding="unicode")), BOOT_SERIAL))
+    for d in want.disks:
+        if d.name not in present:
+            path = (disk_paths or {}).get(d.name) or d.source or f"/var/lib/vmflow/{want.name}-{d.name}.qcow2"
+            devices.append(_disk_element(path, free_target(ET.tostring(root, encoding="unicode")), d.name))
+    order = nic_order(have, want)
+    wanted_nics = {n.name: n for n in want.nics}
+    ifaces = devices.findall("interface")
+    for i, el in enumerate(ifaces):
+        name = have.nics[i].name if i < len(have.nics) else None
+        if name not in wanted_nics:
+            devices.remove(el)
+            continue
+        n = wanted_nics[name]
+        fresh = nic_element(replace(n, mac=None))
+        for tag in ("source", "model"):
+            for old in el.findall(tag):
+                el.remove(old)
+            el.append(fresh.find(tag))
+        el.set("type", fresh.get("type"))
+    have_names = {n.name for n in have.nics}
+    for n in order:
+        if n.name not in have_names:
+            devices.append(nic_element(n))
+    meta = root.find("metadata")
+    if meta is None:
+        meta = ET.SubElement(root, "metadata")
+    for old in meta.findall(f"{_NS}owner"):
+        meta.remove(old)
+    meta.append(ownership_xml(applied_owner(replace(want, nics=order))))
+    return ET.tostring(root, encoding="unicode")

@@ -1,0 +1,165 @@
+"""The image repository: image files under an image root, and the per-VM disk files made from them.
+
+Images are read-only bases. Every VM gets its own files under `<state-dir>/disks/`: a qcow2 overlay of its
+image as its boot disk (serial `vmflow-boot`) and a qcow2 file per data disk (serial = the disk's name).
+qcow2 everywhere because internal snapshots, which apply takes before every change, refuse any other format.
+An OS swap makes a new overlay on the new image and keeps the old one: snapshots taken before the swap live
+inside it, and a rollback needs them.
+
+The image root is `--image-root DIR`, else `VMFLOW_IMAGE_ROOT`, else `<state-dir>/images`. Paths in image
+schemas were checked lexically by the compiler; here they are resolved again (symlinks included) and must
+stay inside the root.
+
+On libvirt's test driver nothing reads these files, so a missing image file is a note, not an error (`strict`
+off), and without `qemu-img` no file is made at all.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.state import DiskState
+
+ENV_ROOT = "VMFLOW_IMAGE_ROOT"
+
+
+class ImageError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    kernel: str
+    initrd: str | None
+    cmdline: str
+
+
+def default_root(state_dir: Path, given: Path | None = None) -> Path:
+    if given is not None:
+        return given.resolve()
+    env = os.environ.get(ENV_ROOT)
+    return Path(env).resolve() if env else (state_dir / "images").resolve()
+
+
+class ImageRepo:
+    def __init__(self, root: Path, state_dir: Path, catalog=None, *, strict: bool = False) -> None:
+        self.root = root.resolve()
+        self.state_dir = state_dir.resolve()
+        self.catalog = catalog
+        self.strict = strict  # True on QEMU: a disk that cannot be made is an error
+        self.qemu_img = shutil.which("qemu-img")
+
+    # -- where things are
+    def _under_root(self, rel: str) -> Path:
+        path = (self.root / rel).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise ImageError(f"`{rel}` resolves to {path}, outside the image root {self.root}")
+        return path
+
+    def _image(self, image_id: str):
+        return self.catalog.get(image_id) if self.catalog is not None else None
+
+    def image_file(self, image_id: str) -> Path | None:
+        """The image's qcow2 under the root; None for images without a file source (volumes, unknown)."""
+        img = self._image(image_id)
+        if img is None or img.source_path is None:
+            return None
+        return self._under_root(img.source_path)
+
+    def boot(self, image_id: str) -> BootFiles | None:
+        img = self._image(image_id)
+        if img is None or img.boot is None:
+            return None
+        b = img.boot
+        return BootFiles(str(self._under_root(b.kernel)), str(self._under_root(b.initrd)) if b.initrd else None,
+                         b.cmdline)
+
+    def missing(self, image_ids) -> list[str]:
+        """One line per image whose files are not under the root (what plan and apply report)."""
+        out = []
+        for image_id in sorted(set(image_ids)):
+            try:
+                f = self.image_file(image_id)
+                boot = self.boot(image_id)
+            except ImageError as e:
+                out.append(f"image `{image_id}`: {e}")
+                continue
+            wanted = [f] if f else []
+            if boot:
+                wanted += [Path(boot.kernel)] + ([Path(boot.initrd)] if boot.initrd else [])
+            gone = [str(p) for p in wanted if not p.is_file()]
+            if gone:
+                out.append(f"image `{image_id}`: {', '.join(gone)} does not exist; its boot disks are not created")
+        if self.qemu_img is None:
+            out.append("qemu-img is not installed: no disk files are created")
+        return out
+
+    def _dir(self, name: str) -> Path:
+        d = self.state_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o755)  # QEMU runs as another user (libvirt-qemu) and must reach the files
+        return d
+
+    def serial_log(self, vm: str) -> str:
+        return str(self._dir("logs") / f"{vm}.serial.log")
+
+    def data_disk_path(self, vm: str, disk: str) -> str:
+        return str(self.state_dir / "disks" / f"{vm}-{disk}.qcow2")
+
+    # -- making files
+    def _qemu_img(self, *args: str) -> None:
+        if self.qemu_img is None:
+            raise ImageError("qemu-img is not installed")
+        r = subprocess.run([self.qemu_img, "create", "-q", "-f", "qcow2", *args], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise ImageError(f"qemu-img create {' '.join(args)}: {r.stderr.strip()}")
+
+    def boot_disk(self, vm: str, image_id: str) -> str | None:
+        """A new overlay on the image for `vm`'s boot disk; None when there is no file to overlay (and the
+        driver does not need one)."""
+        base = self.image_file(image_id)
+        if base is None or not base.is_file() or self.qemu_img is None:
+            if self.strict:
+                raise ImageError(f"image `{image_id}` has no qcow2 file under {self.root}"
+                                 + (f" ({base} does not exist)" if base else ""))
+            return None
+        # A new name per overlay: the previous one may still hold snapshots a rollback needs.
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{time.monotonic_ns() % 1_000_000:06d}"
+        path = self._dir("disks") / f"{vm}-boot-{image_id}-{stamp}.qcow2"
+        self._qemu_img("-F", "qcow2", "-b", str(base), str(path))
+        return str(path)
+
+    def data_disk(self, vm: str, disk: DiskState) -> str:
+        """A new qcow2 of the declared size for a data disk (an overlay of its `source` when it has one).
+        Made afresh: a disk being added is empty, whatever a former VM of the same name left behind."""
+        path = self.data_disk_path(vm, disk.name)
+        if self.qemu_img is None:
+            if self.strict:
+                raise ImageError("qemu-img is not installed")
+            return path
+        self._dir("disks")
+        size = f"{max(disk.size_kib, 1)}K"
+        if disk.source:
+            base = self._under_root(disk.source)
+            if not base.is_file():
+                if self.strict:
+                    raise ImageError(f"disk source {base} does not exist")
+                return path
+            self._qemu_img("-F", "qcow2", "-b", str(base), path, size)
+        else:
+            self._qemu_img(path, size)
+        return path
+
+    def forget_boot_disks(self, vm: str, in_use: set[str]) -> list[str]:
+        """Delete `vm`'s boot overlays that neither the domain nor any of its snapshots names any more."""
+        gone = []
+        for f in sorted((self.state_dir / "disks").glob(f"{vm}-boot-*.qcow2")):
+            if str(f) not in in_use:
+                f.unlink(missing_ok=True)
+                gone.append(str(f))
+        return gone
