@@ -28,8 +28,10 @@ vCPUs than it had: `Hypervisor.revert` then restarts the process from the snapsh
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid as uuidlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -129,8 +131,12 @@ class Applier:
     def __init__(self, hv: Hypervisor, store: Store, *, revision: str | None = None, keep_snapshots: int = 3,
                  progress: Callable[[str], None] = lambda _m: None, saved: Callable[[], None] = lambda: None,
                  images: ImageRepo | None = None, health: dict[str, tuple[str, object]] | None = None,
-                 health_timeout: float = 20.0) -> None:
+                 health_timeout: float = 20.0, parallelism: int = 1) -> None:
         self.hv = hv
+        # Independent VMs are changed this many at a time (QEMU start-up dominates a create); deletes run
+        # last, one by one. Journal writes and state saves are serialised by the locks below.
+        self.parallelism = max(1, parallelism)
+        self._save_lock = threading.Lock()
         self.images = images  # None: no disk files are made (the XML names paths nothing reads)
         self.health = health or {}  # vm name -> (kind, arg) of its declared health check
         self.health_timeout = health_timeout
@@ -138,7 +144,7 @@ class Applier:
         self.revision = revision
         self.keep = keep_snapshots
         self.progress = progress
-        self.saved = saved  # called after every settled change (the embedded default persists its state)
+        self._saved = saved  # called after every settled change (the embedded default persists its state)
 
     # -- recovery
     def recover(self) -> list[str]:
@@ -171,6 +177,10 @@ class Applier:
             self.saved()
         return said
 
+    def saved(self) -> None:
+        with self._save_lock:
+            self._saved()
+
     def _running(self, name: str) -> bool:
         vm = self.hv.observe().vms.get(name)
         return bool(vm and vm.running)
@@ -188,22 +198,31 @@ class Applier:
         result = ApplyResult(apply_id, recovered=self.recover())
         self.store.begin_apply(apply_id, program, self.revision)
         order = sorted(plan.actionable, key=lambda c: (c.action is Action.DELETE, c.address))
-        for change in order:
-            t = time.perf_counter()
-            self.progress(f"{change.action.symbol} {change.address}: {change.action.value}…")
-            try:
-                self._one(change, apply_id)
-                outcome = Outcome(change.address, change.action, "applied", time.perf_counter() - t)
-            except _RolledBack as rb:
-                outcome = Outcome(change.address, change.action, "rolled-back", time.perf_counter() - t, str(rb))
-            except (HypervisorError, VerifyError, ImageError) as err:
-                outcome = Outcome(change.address, change.action, "failed", time.perf_counter() - t, str(err))
-            result.outcomes.append(outcome)
-            self.progress(f"  {outcome.result} in {outcome.seconds:.2f}s" +
-                          (f": {outcome.detail}" if outcome.detail else ""))
-            self.saved()
+        first = [c for c in order if c.action is not Action.DELETE]
+        deletes = [c for c in order if c.action is Action.DELETE]
+        if self.parallelism > 1 and len(first) > 1:
+            with ThreadPoolExecutor(self.parallelism) as pool:
+                result.outcomes.extend(pool.map(lambda c: self._run(c, apply_id), first))
+        else:
+            result.outcomes.extend(self._run(c, apply_id) for c in first)
+        result.outcomes.extend(self._run(c, apply_id) for c in deletes)
         self.store.end_apply(apply_id, "ok" if result.ok else "partial", result.counts())
         return result
+
+    def _run(self, change: Change, apply_id: str) -> Outcome:
+        t = time.perf_counter()
+        self.progress(f"{change.action.symbol} {change.address}: {change.action.value}…")
+        try:
+            self._one(change, apply_id)
+            outcome = Outcome(change.address, change.action, "applied", time.perf_counter() - t)
+        except _RolledBack as rb:
+            outcome = Outcome(change.address, change.action, "rolled-back", time.perf_counter() - t, str(rb))
+        except (HypervisorError, VerifyError, ImageError) as err:
+            outcome = Outcome(change.address, change.action, "failed", time.perf_counter() - t, str(err))
+        self.progress(f"  {change.address}: {outcome.result} in {outcome.seconds:.2f}s" +
+                      (f": {outcome.detail}" if outcome.detail else ""))
+        self.saved()
+        return outcome
 
     def _precheck(self, plan: Plan) -> None:
         """Everything apply will need, checked before the first mutation."""

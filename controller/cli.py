@@ -464,9 +464,12 @@ def plan(path: Path, state_dir, libvirt_uri, image_root, prune, allow_mass_delet
               help="Seconds to wait for another apply of the same program to finish.")
 @click.option("--keep-snapshots", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Snapshots vmflow keeps per VM; older ones are deleted.")
+@click.option("--parallelism", type=click.IntRange(1, 64), default=None,
+              help="How many VMs are changed at a time. Default: 4 on a real hypervisor, 1 on the embedded "
+                   "default (where changes take no time).")
 @_no_color_option
 def apply(target: Path, state_dir, libvirt_uri, image_root, prune, allow_mass_delete, auto_approve, lock_timeout,
-          keep_snapshots, no_color) -> None:
+          keep_snapshots, parallelism, no_color) -> None:
     """Make the VMs match the program (TARGET is a program folder, or a plan saved with `plan -o`).
 
     Every change to an existing VM is preceded by a snapshot and followed by a check; a change that fails
@@ -512,7 +515,7 @@ def apply(target: Path, state_dir, libvirt_uri, image_root, prune, allow_mass_de
             save = (lambda: embedded.save(t.state_dir, hv.export())) if t.embedded else (lambda: None)
             applier = Applier(hv, store, keep_snapshots=keep_snapshots, saved=save,
                               progress=lambda m: click.echo(m, err=True), images=image_repo(t, hv),
-                              health=t.health)
+                              health=t.health, parallelism=parallelism or (1 if t.embedded else 4))
             for note in image_notes(t, hv):
                 click.echo(f"note: {note}", err=True)
             # A run killed half-way is settled first, so that the plan starts from a consistent state.

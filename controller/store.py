@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,9 @@ class LockHeld(Exception):
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+        # One connection shared by apply's worker threads; every statement is serialised by `_lock`.
+        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30, check_same_thread=False)
+        self._lock = threading.RLock()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
@@ -126,12 +129,15 @@ class Store:
 
     # -- journal
     def intent(self, apply_id: str, address: str, op: str, snapshot: str | None, before: str | None) -> int:
-        cur = self.db.execute("INSERT INTO journal (apply_id, address, op, snapshot, before, status, at) "
-                              "VALUES (?,?,?,?,?, 'intent', ?)", (apply_id, address, op, snapshot, before, time.time()))
-        return int(cur.lastrowid)
+        with self._lock:
+            cur = self.db.execute("INSERT INTO journal (apply_id, address, op, snapshot, before, status, at) "
+                                  "VALUES (?,?,?,?,?, 'intent', ?)",
+                                  (apply_id, address, op, snapshot, before, time.time()))
+            return int(cur.lastrowid)
 
     def settle(self, entry_id: int, status: str, detail: str | None = None) -> None:
-        self.db.execute("UPDATE journal SET status=?, detail=?, at=? WHERE id=?", (status, detail, time.time(), entry_id))
+        with self._lock:
+            self.db.execute("UPDATE journal SET status=?, detail=?, at=? WHERE id=?", (status, detail, time.time(), entry_id))
 
     def unfinished(self) -> list[JournalEntry]:
         rows = self.db.execute("SELECT id, apply_id, address, op, snapshot, before, status, detail FROM journal "

@@ -256,3 +256,18 @@ def test_every_reason_is_documented(reason):
 @pytest.mark.parametrize("action", list(Action))
 def test_every_action_has_a_symbol(action):
     assert action.symbol
+
+
+def test_parallel_apply_converges(prog):
+    """Independent VMs changed several at a time: same result, one journal outcome each."""
+    text = (prog / "main.flow").read_text()
+    extra = "".join(f"\nvm w{i} {{\n  image  = linux-base\n  pool   = rack1\n  cpu    = 1 .. 2\n  memory = 1GiB\n}}\n"
+                    for i in range(12))
+    (prog / "main.flow").write_text(text + extra)
+    r = vmflow("apply", ".", "--auto-approve", "--parallelism", "6", cwd=prog)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "14 applied" in r.stdout
+    assert len(observe(prog).vms) == 14
+    assert vmflow("plan", ".", cwd=prog).returncode == 0
+    t = load(prog, None, None)
+    assert open_store(t).unfinished() == []
