@@ -24,6 +24,7 @@ from controller.state import (
     DiskState,
     NicState,
     Ownership,
+    Unmanaged,
     VmState,
     desired_state,
 )
@@ -95,7 +96,9 @@ def options(t: Target, hv: Hypervisor, prune: bool, allow_mass_delete: bool) -> 
 def owned(actual: ActualState, program: str) -> ActualState:
     """Only the VMs this program owns: another program's VMs are as untouchable as unmanaged ones."""
     mine = {n: v for n, v in actual.vms.items() if v.owner and v.owner.program == program}
-    return ActualState(mine, actual.unmanaged, actual.uri)
+    others = tuple(Unmanaged(n, v.uuid or "", v.running, v.owner.program if v.owner else None)
+                   for n, v in sorted(actual.vms.items()) if n not in mine)
+    return ActualState(mine, actual.unmanaged + others, actual.uri)
 
 
 def make_plan(t: Target, hv: Hypervisor, prune: bool = False, allow_mass_delete: bool = False

@@ -212,7 +212,12 @@ def plan(desired: dict[str, VmState], actual: ActualState, opts: Options = Optio
         want = desired[name]
         have = actual.vms.get(name)
         if have is None:
-            if any(u.name == name for u in actual.unmanaged):
+            clash = next((u for u in actual.unmanaged if u.name == name), None)
+            if clash is not None and clash.program:
+                problems.append(Problem(f"vm.{name}", f"a domain named `{name}` belongs to the vmflow program "
+                                        f"`{clash.program}`; a program never changes another's VMs: rename the vm"))
+                continue
+            if clash is not None:
                 problems.append(Problem(f"vm.{name}", f"a domain named `{name}` exists and is not managed by "
                                         "vmflow; it is never changed: rename the vm or remove the domain"))
                 continue

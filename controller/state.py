@@ -67,11 +67,13 @@ class VmState:
 
 @dataclass(frozen=True, slots=True)
 class Unmanaged:
-    """A domain vmflow does not own: listed, never changed."""
+    """A domain this program does not own: listed, never changed. `program` names the vmflow program that
+    owns it, when another one does."""
 
     name: str
     uuid: str
     running: bool
+    program: str | None = None
 
 
 @dataclass(frozen=True)

@@ -271,3 +271,20 @@ def test_parallel_apply_converges(prog):
     assert vmflow("plan", ".", cwd=prog).returncode == 0
     t = load(prog, None, None)
     assert open_store(t).unfinished() == []
+
+
+def test_another_programs_vm_is_never_taken_over(tmp_path):
+    """Two programs share one hypervisor: the second may not plan a VM whose name the first owns."""
+    state = tmp_path / "state"
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "main.flow").write_text(TWO_VMS)
+    assert vmflow("apply", "one", "--state-dir", str(state), "--auto-approve", cwd=tmp_path).returncode == 0
+    r = vmflow("plan", "two", "--state-dir", str(state), cwd=tmp_path)
+    assert r.returncode == 1
+    assert "belongs to the vmflow program `one`" in r.stdout
+    r = vmflow("apply", "two", "--state-dir", str(state), "--prune", "--allow-mass-delete", "--auto-approve",
+               cwd=tmp_path)
+    assert r.returncode == 1
+    with Hypervisor(embedded.uri(state)) as hv:
+        assert {v.owner.program for v in hv.observe().vms.values()} == {"one"}
