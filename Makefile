@@ -34,12 +34,15 @@ test: $(STAMP)
 	VMFLOW_GUEST_DIR=$(GUEST_DIR) $(PY) -m pytest -q
 	$(VENV)/bin/lint-imports
 
+# bench/apply.py needs root (libvirtd + QEMU, set up as for the tests) and installs Ansible into its own venv.
 bench: $(STAMP)
 	$(PY) bench/compile.py
 	$(PY) bench/plan.py
+	@if [ "$$(id -u)" = 0 ]; then scripts/setup-libvirt.sh && $(PY) bench/apply.py; \
+	 else echo "bench/apply.py skipped: it needs root for libvirtd"; fi
 
 bless: $(STAMP)
-	VMFLOW_BLESS=1 $(PY) -m pytest -q tests/test_golden.py
+	VMFLOW_BLESS=1 $(PY) -m pytest -q tests/test_golden.py tests/test_plan_golden.py tests/test_plan_markdown.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

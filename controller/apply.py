@@ -80,7 +80,7 @@ class VerifyError(Exception):
 
 
 def _verify_state(hv: Hypervisor, want: VmState) -> list[str]:
-    got = hv.observe(snapshots=False).vms.get(want.name)
+    got = hv.observe_vm(want.name)
     if got is None:
         return [f"`{want.name}` is not there after the change"]
     problems = []
@@ -182,7 +182,7 @@ class Applier:
             self._saved()
 
     def _running(self, name: str) -> bool:
-        vm = self.hv.observe().vms.get(name)
+        vm = self.hv.observe_vm(name)
         return bool(vm and vm.running)
 
     def _ensure_running(self, name: str) -> None:
@@ -377,7 +377,7 @@ class Applier:
 
     def _prune_snapshots(self, name: str) -> None:
         """Keep the newest `keep` vmflow snapshots of a VM; older ones only cost disk space."""
-        vm = self.hv.observe().vms.get(name)
+        vm = self.hv.observe_vm(name, snapshots=True)
         if vm is None:
             return
         ours = sorted(s for s in vm.snapshots if s.startswith(SNAPSHOT_PREFIX))

@@ -109,6 +109,21 @@ class Hypervisor:
                 vms[state.name] = state
         return ActualState(vms, tuple(sorted(unmanaged, key=lambda u: u.name)), self.uri)
 
+    def observe_vm(self, name: str, snapshots: bool = False) -> VmState | None:
+        """One domain, as `observe` sees it: what verification re-reads after a change (reading every
+        domain there would make an apply of N VMs cost N² reads)."""
+        try:
+            dom = self.conn.lookupByName(name)
+            xml = dom.XMLDesc(0)
+            running = bool(dom.isActive())
+            snaps = tuple(sorted(dom.snapshotListNames())) if snapshots else ()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise _wrap(f"observe {name}", e) from None
+        state = domain_xml.parse(xml, snaps, running)
+        return state if isinstance(state, VmState) else None
+
     def export(self) -> list[tuple[str, bool, list[tuple[str, bool]]]]:
         """Every domain as (XML, running, [(snapshot XML, is current)]): what the embedded default saves."""
         out = []
