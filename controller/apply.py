@@ -328,13 +328,21 @@ class Applier:
     def _delete(self, name: str, address: str, apply_id: str) -> None:
         entry = self.store.intent(apply_id, address, "delete", None, None)
         try:
+            vm = self.hv.observe_vm(name)
             if self.hv.exists(name):  # already gone (a recovered run finished it) counts as done
                 self.hv.stop(name)
                 self.hv.undefine(name)
         except HypervisorError as err:
             self.store.settle(entry, "failed", str(err))
             raise
+        self._remove_files(name, [d.name for d in vm.disks] if vm else [])
         self.store.settle(entry, "done")
+
+    def _remove_files(self, name: str, data_disks: list[str]) -> None:
+        """A VM that is gone leaves no disk files of vmflow's behind (never the image root's)."""
+        if self.images is not None:
+            for f in self.images.remove_vm_files(name, data_disks):
+                self.progress(f"  removed {f}")
 
     def _create(self, want: VmState, apply_id: str) -> None:
         want = _with_revision(want, self.revision)
@@ -351,6 +359,7 @@ class Applier:
             except HypervisorError as undo:
                 self.store.settle(entry, "failed", f"{err}; undoing it failed too: {undo}")
                 raise
+            self._remove_files(want.name, [d.name for d in want.disks])
             self.store.settle(entry, "undone", str(err))
             raise _RolledBack(f"{err}; the new VM was removed") from None
         self.store.settle(entry, "done")

@@ -163,3 +163,15 @@ class ImageRepo:
                 f.unlink(missing_ok=True)
                 gone.append(str(f))
         return gone
+
+    def remove_vm_files(self, vm: str, data_disks: list[str]) -> list[str]:
+        """Delete the files vmflow made for a VM that is gone: its boot overlays and the named data disks.
+        Only files inside this repository's `disks/` folder are touched."""
+        gone = self.forget_boot_disks(vm, set())
+        disks = (self.state_dir / "disks").resolve()
+        for name in data_disks:
+            f = Path(self.data_disk_path(vm, name)).resolve()
+            if f.parent == disks and f.exists():
+                f.unlink()
+                gone.append(str(f))
+        return gone
