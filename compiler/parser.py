@@ -250,6 +250,9 @@ class _Parser:
             maybe_placeholders=True,
             transformer=self.transformer,
             lexer_callbacks={"COMMENT": self.comments.append},
+            # The grammar analysis is kept in Lark's cache file (keyed on the grammar and these options), so
+            # a new process builds the parser in a fraction of the time.
+            cache=True,
         )
         try:  # lark-cython: same grammar and callbacks, the LALR loop in C
             import lark_cython
