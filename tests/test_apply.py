@@ -203,7 +203,11 @@ def test_every_failing_call_leaves_each_vm_before_or_after(prog):
         assert _snapshot(prog) == desired
         with Hypervisor(t.uri) as hv:
             assert not make_plan(t, hv)[0].actionable
+            # Nothing left behind: at most the kept snapshots per VM, and no half-written state file.
+            for vm in hv.observe().vms.values():
+                assert len([s for s in vm.snapshots if s.startswith("vmflow-")]) <= 3, (n, vm.name, vm.snapshots)
         assert open_store(t).unfinished() == []
+        assert list(state.glob(".hypervisor-*.xml")) == []
 
 
 def test_interrupted_apply_is_rolled_back_by_the_next_run(prog):
