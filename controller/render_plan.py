@@ -45,7 +45,7 @@ def attributes(vm: VmState | None) -> dict[str, object]:
     for d in vm.disks:
         out[f"disk.{d.name}.size"] = format_bytes(d.size_kib * 1024) if d.size_kib else None
     for n in vm.nics:
-        out[f"nic.{n.name}"] = f"bridge {n.bridge}" if n.bridge else f"network {n.network}"
+        out[f"nic.{n.name}"] = (f"bridge {n.bridge}" if n.bridge else f"network {n.network}") + f" ({n.model})"
     return out
 
 
@@ -57,6 +57,13 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+def _drift_value(path: str, value: object) -> str:
+    """Drift is recorded in libvirt's units (KiB of memory); people read sizes."""
+    if path.startswith("memory") and isinstance(value, int):
+        return format_bytes(value * 1024)
+    return _fmt(value)
+
+
 def render_text(plan: Plan, colour: bool = False, unmanaged: int = 0) -> str:
     def style(s: str, fg: str | None = None, bold: bool = False) -> str:
         return click.style(s, fg=fg, bold=bold) if colour else s
@@ -65,7 +72,8 @@ def render_text(plan: Plan, colour: bool = False, unmanaged: int = 0) -> str:
     if plan.drift:
         lines.append(style("Drift: these VMs changed outside vmflow since it last applied them:", bold=True))
         for d in plan.drift:
-            lines.append(f"  {d.address}  {d.path}: applied {_fmt(d.applied)}, now {_fmt(d.actual)}")
+            lines.append(f"  {d.address}  {d.path}: applied {_drift_value(d.path, d.applied)}, "
+                         f"now {_drift_value(d.path, d.actual)}")
         lines.append("")
     acts = plan.actionable
     if acts:
