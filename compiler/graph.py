@@ -125,10 +125,6 @@ def build(program: M.Program) -> FlowGraph:
     for c in program.chains.values():
         ca = f"chain.{c.name}"
         add_node(ca, kind="chain", retry=c.retry, backoff=c.backoff, timeout=c.timeout, on_error=c.on_error)
-        producers: dict[str, list[str]] = {}
-        for s in c.steps:
-            for o in s.outputs:
-                producers.setdefault(o.name, []).append(s.name)
         for s in c.steps:
             sa = step_address(c.name, s.name)
             add_node(sa, kind="step", image=s.image, vm=s.vm, inputs=[p.name for p in s.inputs],
@@ -139,10 +135,10 @@ def build(program: M.Program) -> FlowGraph:
                 add_edge(image(s.image), sa, kind="image")
             elif s.vm is not None and f"vm.{s.vm}" in g:
                 add_edge(f"vm.{s.vm}", sa, kind="morph")
+        by_name = {s.name: s for s in c.steps}
         for e in c.edges:
             u, v = step_address(c.name, e.src), step_address(c.name, e.dst)
-            dst = next(s for s in c.steps if s.name == e.dst)
-            src = next(s for s in c.steps if s.name == e.src)
+            dst, src = by_name[e.dst], by_name[e.src]
             carried = sorted({p.name for p in dst.inputs} & {p.name for p in src.outputs})
             attrs = {"kind": "flow", "data": carried}
             if e.condition is not None:

@@ -152,10 +152,9 @@ class _Checker:
                          labels=(Label(r.span, "the bound is set here"),),
                          help=f"raise the bound to at least {_fmt(res, r.base + a.amount)}")
         else:
-            floor = a.limit if a.limit is not None else 1
             if a.limit is not None and a.limit <= 0:
                 self.err("F305", f"{where} shrinks `{res}` down to zero", a.span, label="`min` must be above zero")
-            elif r.bound - a.amount < floor and r.base - a.amount < floor and r.bound - a.amount <= 0:
+            elif a.amount >= r.bound:  # even from the bound it would reach zero
                 self.err("F305", f"{where} removes {_fmt(res, a.amount)} `{res}`, more than vm `{vm.name}` can "
                          f"ever have", a.span, label="can never apply", labels=(Label(r.span, "sizes set here"),))
 
