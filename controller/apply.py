@@ -154,14 +154,10 @@ class Applier:
             name = e.address.split(".", 1)[1]
             try:
                 if e.op == "create":
-                    if self.hv.exists(name):
-                        self.hv.stop(name)
-                        self.hv.undefine(name)
+                    self._remove_domain(name)
                     said.append(f"{e.address}: an interrupted create was rolled back")
                 elif e.op == "delete":
-                    if self.hv.exists(name):
-                        self.hv.stop(name)
-                        self.hv.undefine(name)
+                    self._remove_domain(name)
                     said.append(f"{e.address}: an interrupted delete was finished")
                 elif e.snapshot and self.hv.exists(name) and self.hv.has_snapshot(name, e.snapshot):
                     self.hv.revert(name, e.snapshot)
@@ -329,14 +325,18 @@ class Applier:
         entry = self.store.intent(apply_id, address, "delete", None, None)
         try:
             vm = self.hv.observe_vm(name)
-            if self.hv.exists(name):  # already gone (a recovered run finished it) counts as done
-                self.hv.stop(name)
-                self.hv.undefine(name)
+            self._remove_domain(name)  # already gone (a recovered run finished it) counts as done
         except HypervisorError as err:
             self.store.settle(entry, "failed", str(err))
             raise
         self._remove_files(name, [d.name for d in vm.disks] if vm else [])
         self.store.settle(entry, "done")
+
+    def _remove_domain(self, name: str) -> None:
+        """Stop and undefine a domain, if it is there at all."""
+        if self.hv.exists(name):
+            self.hv.stop(name)
+            self.hv.undefine(name)
 
     def _remove_files(self, name: str, data_disks: list[str]) -> None:
         """A VM that is gone leaves no disk files of vmflow's behind (never the image root's)."""
@@ -353,9 +353,7 @@ class Applier:
             self._verify(want)
         except (HypervisorError, VerifyError, ImageError) as err:
             try:
-                if self.hv.exists(want.name):
-                    self.hv.stop(want.name)
-                    self.hv.undefine(want.name)
+                self._remove_domain(want.name)
             except HypervisorError as undo:
                 self.store.settle(entry, "failed", f"{err}; undoing it failed too: {undo}")
                 raise

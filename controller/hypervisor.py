@@ -95,14 +95,9 @@ class Hypervisor:
         vms: dict[str, VmState] = {}
         unmanaged: list[Unmanaged] = []
         for dom in domains:
-            try:
-                xml = dom.XMLDesc(0)
-                snaps = tuple(sorted(dom.snapshotListNames())) if snapshots else ()
-            except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    continue  # undefined while we looked: it is simply not there
-                raise _wrap(f"observe {dom.name()}", e) from None
-            state = domain_xml.parse(xml, snaps, dom.name() in active)
+            state = self._read(dom, snapshots, lambda d: d.name() in active)
+            if state is None:
+                continue  # undefined while we looked: it is simply not there
             if isinstance(state, Unmanaged):
                 unmanaged.append(state)
             else:
@@ -114,15 +109,25 @@ class Hypervisor:
         domain there would make an apply of N VMs cost N² reads)."""
         try:
             dom = self.conn.lookupByName(name)
-            xml = dom.XMLDesc(0)
-            running = bool(dom.isActive())
-            snaps = tuple(sorted(dom.snapshotListNames())) if snapshots else ()
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise _wrap(f"observe {name}", e) from None
-        state = domain_xml.parse(xml, snaps, running)
+        state = self._read(dom, snapshots, lambda d: bool(d.isActive()))
         return state if isinstance(state, VmState) else None
+
+    @staticmethod
+    def _read(dom, snapshots: bool, running) -> VmState | Unmanaged | None:
+        """One domain's XML (and snapshot names) as state; None when it vanished while being read."""
+        try:
+            xml = dom.XMLDesc(0)
+            snaps = tuple(sorted(dom.snapshotListNames())) if snapshots else ()
+            active = running(dom)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise _wrap(f"observe {dom.name()}", e) from None
+        return domain_xml.parse(xml, snaps, active)
 
     def export(self) -> list[tuple[str, bool, list[tuple[str, bool]]]]:
         """Every domain as (XML, running, [(snapshot XML, is current)]): what the embedded default saves."""

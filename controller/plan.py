@@ -139,30 +139,14 @@ def _diff_vm(want: VmState, have: VmState, opts: Options) -> Change:
         restart.append("image")
     wd = {d.name: d for d in want.disks}
     hd = {d.name: d for d in have.disks}
-    for n in sorted(wd.keys() - hd.keys()):
-        reasons.append(Reason.DISK_ADD)
-        if not opts.device_hotplug:
-            restart.append(f"disk.{n}")
-    for n in sorted(hd.keys() - wd.keys()):
-        if _morphed(have, f"disk.{n}"):
-            continue
-        reasons.append(Reason.DISK_REMOVE)
-        if not opts.device_hotplug:
-            restart.append(f"disk.{n}")
+    _added_removed("disk", wd, hd, have, opts, reasons, restart, skip_morphed=True)
     for n in sorted(wd.keys() & hd.keys()):
         if hd[n].size_kib and wd[n].size_kib != hd[n].size_kib:
             reasons.append(Reason.DISK_RESIZE)
             restart.append(f"disk.{n}.size")
     wn = {n.name: n for n in want.nics}
     hn = {n.name: n for n in have.nics}
-    for n in sorted(wn.keys() - hn.keys()):
-        reasons.append(Reason.NIC_ADD)
-        if not opts.device_hotplug:
-            restart.append(f"nic.{n}")
-    for n in sorted(hn.keys() - wn.keys()):
-        reasons.append(Reason.NIC_REMOVE)
-        if not opts.device_hotplug:
-            restart.append(f"nic.{n}")
+    _added_removed("nic", wn, hn, have, opts, reasons, restart, skip_morphed=False)
     for n in sorted(wn.keys() & hn.keys()):
         a, b = wn[n], hn[n]
         if (a.network, a.bridge, a.model) != (b.network, b.bridge, b.model) and not _morphed(have, f"nic.{n}"):
@@ -183,6 +167,26 @@ def _diff_vm(want: VmState, have: VmState, opts: Options) -> Change:
         return Change(address, Action.UPDATE_LIVE, have, want, tuple(reasons))
     noop_reasons = (Reason.MORPHED,) if have.owner and have.owner.morphs else ()
     return Change(address, Action.NOOP, have, want, noop_reasons)
+
+
+_ADD = {"disk": Reason.DISK_ADD, "nic": Reason.NIC_ADD}
+_REMOVE = {"disk": Reason.DISK_REMOVE, "nic": Reason.NIC_REMOVE}
+
+
+def _added_removed(kind: str, want: dict, have_devices: dict, have: VmState, opts: Options,
+                   reasons: list[Reason], restart: list[str], skip_morphed: bool) -> None:
+    """Devices of one kind that appear or disappear: live with hotplug, a restart without it. A disk a
+    morph attached is not removed by the planner (`skip_morphed`)."""
+    for n in sorted(want.keys() - have_devices.keys()):
+        reasons.append(_ADD[kind])
+        if not opts.device_hotplug:
+            restart.append(f"{kind}.{n}")
+    for n in sorted(have_devices.keys() - want.keys()):
+        if skip_morphed and _morphed(have, f"{kind}.{n}"):
+            continue
+        reasons.append(_REMOVE[kind])
+        if not opts.device_hotplug:
+            restart.append(f"{kind}.{n}")
 
 
 def _morphed(have: VmState, path: str) -> bool:
