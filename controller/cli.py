@@ -561,6 +561,15 @@ def apply(target: Path, state_dir, libvirt_uri, image_root, prune, allow_mass_de
         store.close()
 
 
+# ------------------------------------------------------------------------------------------ the other commands
+
+# Imported last: these modules use the helpers above.
+from controller import cli_morph, cli_ops  # noqa: E402
+
+for _command in (*cli_ops.COMMANDS, *cli_morph.COMMANDS):
+    cli.add_command(_command)
+
+
 # ------------------------------------------------------------------------------------------ entry point
 
 
