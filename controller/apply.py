@@ -145,6 +145,9 @@ class Applier:
         self.keep = keep_snapshots
         self.progress = progress
         self._saved = saved  # called after every settled change (the embedded default persists its state)
+        # Set by a SIGTERM handler: the change in flight finishes (or rolls back), the rest are not started,
+        # so the journal never holds an intent the process walked away from.
+        self.stopping = threading.Event()
 
     # -- recovery
     def recover(self) -> list[str]:
@@ -202,10 +205,15 @@ class Applier:
         else:
             result.outcomes.extend(self._run(c, apply_id) for c in first)
         result.outcomes.extend(self._run(c, apply_id) for c in deletes)
-        self.store.end_apply(apply_id, "ok" if result.ok else "partial", result.counts())
+        self.store.end_apply(apply_id, "ok" if result.ok else "partial", {
+            "counts": result.counts(),
+            "changes": [{"address": o.address, "action": o.action.value, "result": o.result,
+                         "seconds": round(o.seconds, 3), "detail": o.detail} for o in result.outcomes]})
         return result
 
     def _run(self, change: Change, apply_id: str) -> Outcome:
+        if self.stopping.is_set():
+            return Outcome(change.address, change.action, "not-started", 0.0, "vmflow was asked to stop")
         t = time.perf_counter()
         self.progress(f"{change.action.symbol} {change.address}: {change.action.value}…")
         try:
