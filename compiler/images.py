@@ -1,5 +1,8 @@
 """Image schemas: load `specs/images/<id>.yaml` (and any user image directories) into a `Catalog`.
 
+A folder of schemas is a directory on disk or any `SchemaFolder` (a program's `images/` inside one git
+revision, read without a checkout).
+
 An image is what a VM boots from and what a chain step runs: where its disk comes from (a qcow2 file under
 the image root, or a storage-pool volume), its OS, the cpu and memory range it supports, what it can change
 while running (capabilities), which workflow roles it plays, and the typed data it consumes and produces.
@@ -60,7 +63,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 import yaml
 from yaml.events import AliasEvent
@@ -637,12 +640,16 @@ class _FileCheck:
         ), image_id, id_span
 
 
-def _read_file(path: Path, display: str, sources: SourceSet,
+def _read_limited(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(MAX_FILE_BYTES + 1)
+
+
+def _read_file(read: Callable[[], bytes], display: str, sources: SourceSet,
                diags: list[Diagnostic]) -> tuple[bytes | None, Node | None, str]:
     """Raw bytes (for the fingerprint), the composed document if it is one, and the registered text."""
     try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
+        data = read()[: MAX_FILE_BYTES + 1]
     except OSError as exc:
         diags.append(error("F405", f"cannot read image schema `{display}`: {exc.strerror or exc}", None))
         return None, None, ""
@@ -700,10 +707,31 @@ def _read_file(path: Path, display: str, sources: SourceSet,
     return data, node, text
 
 
-def load_catalog(dirs: list[Path], sources: SourceSet, *,
+@runtime_checkable
+class SchemaFolder(Protocol):
+    """A folder of image schemas that is not a directory on disk, such as a folder of one git revision.
+    `str()` of it names the folder in messages."""
+
+    def schemas(self) -> list[tuple[str, str, bytes]]:
+        """(file name, name in diagnostics, content) of each `*.yaml` and `*.yml` file directly in the folder,
+        in file name order. Raises FileNotFoundError when the folder does not exist, OSError when it cannot be
+        read."""
+
+
+def _schema_files(directory: Path | SchemaFolder) -> list[tuple[str, str, Callable[[], bytes]]]:
+    """(file name, name in diagnostics, reader) of each schema file of a folder, in file name order."""
+    if isinstance(directory, SchemaFolder):
+        return [(name, display, lambda data=data: data) for name, display, data in directory.schemas()]
+    directory = Path(directory)
+    paths = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return [(p.name, str(p), lambda p=p: _read_limited(p)) for p in paths]
+
+
+def load_catalog(dirs: list[Path | SchemaFolder], sources: SourceSet, *,
                  require_dirs: bool = False) -> tuple[Catalog, list[Diagnostic]]:
     """Every image schema in `dirs` (in order; an id in an earlier folder shadows the same id in later
-    ones, and two definitions in one folder are an F403 error), validated.
+    ones, and two definitions in one folder are an F403 error), validated. A folder is a directory on disk
+    or a `SchemaFolder`.
 
     Each file's text goes into `sources` so diagnostics can be rendered. Directories that do not exist are
     skipped, unless `require_dirs` asks for an F405 error about them. An image with any error is left out
@@ -715,9 +743,8 @@ def load_catalog(dirs: list[Path], sources: SourceSet, *,
     broken: set[str] = set()
     digest = hashlib.sha256(_SCHEMA_VERSION)
     for index, directory in enumerate(dirs):
-        directory = Path(directory)
         try:
-            entries = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+            entries = _schema_files(directory)
         except FileNotFoundError:
             if require_dirs:
                 diags.append(error("F405", f"image directory `{directory}` does not exist", None))
@@ -725,15 +752,15 @@ def load_catalog(dirs: list[Path], sources: SourceSet, *,
         except OSError as exc:
             diags.append(error("F405", f"cannot read image directory `{directory}`: {exc.strerror or exc}", None))
             continue
-        for path in entries:
-            display = str(path)
-            data, root, text = _read_file(path, display, sources, diags)
-            # Names and order count too: the id comes from the file name, and earlier directories win.
-            digest.update(f"\0{index}\0{path.name}\0".encode("utf-8", "surrogateescape"))
+        for name, display, read in entries:
+            data, root, text = _read_file(read, display, sources, diags)
+            # Names and order count too: the id comes from the file name, and earlier directories win. So
+            # does the name in diagnostics: images and the checks cached against this catalog point there.
+            digest.update(f"\0{index}\0{name}\0{display}\0".encode("utf-8", "surrogateescape"))
             digest.update(len(data).to_bytes(8, "big") + data if data is not None else b"\xff" * 8)
             if root is None:
                 continue
-            check = _FileCheck(display, path.stem, text, diags)
+            check = _FileCheck(display, posixpath.splitext(name)[0], text, diags)
             image, image_id, id_span = check.image(root)
             if image_id is None or id_span is None:
                 continue

@@ -5,8 +5,14 @@ content (and of the image catalog), so compiling a program again after one file 
 only; linking and the graph are rebuilt from cached pieces. Stages stop at the first one with errors so that
 one mistake does not cascade into many.
 
+A program is read from a `Tree`: the filesystem below the repository's top (`compile_path`), or one revision
+of a git repository read straight from its objects (`compile_tree`, fed by controller/gitsource.py). Files are
+named in diagnostics relative to the working folder for the filesystem, and relative to the repository's top
+for a revision, so that a pull-request annotation points at the right file. Since the cache is keyed by that
+name and the content's hash, compiling revision B after revision A re-parses only the files that changed.
+
 Where a program finds its image schemas, first match winning on a duplicate id:
-  1. the `images/` folder inside the program's directory,
+  1. the `images/` folder inside the program's directory (in the tree the program is read from),
   2. folders given with `--images DIR` (in order),
   3. folders in the `VMFLOW_IMAGES` environment variable (separated by `:`),
   4. the catalog shipped with vmflow (`specs/images/`).
@@ -18,11 +24,13 @@ import gc
 import hashlib
 import multiprocessing
 import os
+import posixpath
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable, Protocol
 
 from compiler import ast as A
 from compiler import model as M
@@ -74,12 +82,139 @@ class _Entry:
     checked: dict[str, list[Diagnostic]] = field(default_factory=dict)  # catalog fingerprint -> diagnostics
 
 
-def image_dirs(program_dir: Path, extra: list[Path] | tuple = ()) -> list[Path]:
-    dirs = [program_dir / "images", *extra]
+FILE, DIR = "file", "dir"
+# Compiled catalogs kept per compiler: one per distinct set of schema folders and contents. A long-lived
+# compiler following a repository sees a new set whenever a revision changes a schema, so the oldest go.
+MAX_CATALOGS = 32
+
+
+class Tree(Protocol):
+    """A read-only folder tree a program is read from: the filesystem below a root (`FileTree`) or one revision
+    of a git repository (controller/gitsource.py).
+
+    Paths are posix and relative to the tree's root, already normalised: "" is the root itself, and there is
+    no `.`, `..` or leading `/`. `list` and `read` raise OSError for what cannot be listed or read (the
+    compiler reports it as F212); any other exception, such as a git repository that cannot read its own
+    objects, ends the compilation and reaches the caller, since it says nothing about the program.
+
+    A tree may have a `label` attribute naming its root in messages ("the current folder", "revision 1a2b3c4").
+    """
+
+    def kind(self, path: str) -> str | None:
+        """"file", "dir", or None when nothing is there (or it is neither, e.g. a git submodule)."""
+
+    def list(self, directory: str) -> list[str]:
+        """The names directly in a folder, in any order."""
+
+    def read(self, path: str) -> bytes:
+        """A file's content."""
+
+
+class FileTree:
+    """The filesystem below `root` (an absolute, resolved path). Symlinks are followed, but as in a git
+    repository nothing outside the root exists for the tree: a link that leaves it reads as missing."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self._inside = self.root if self.root.endswith(os.sep) else self.root + os.sep
+        self._cwd = os.getcwd()
+        # Kinds seen while listing folders, from the directory entries (no extra system call). Links are left
+        # out: they need the check against the root that `kind` makes.
+        self._kinds: dict[str, str] = {}
+        rel = _display_dir(self.root, self._cwd)
+        self.label = "the current folder" if rel == "" else f"`{rel}`"
+
+    def full(self, path: str) -> str:
+        return os.path.join(self.root, path) if path else self.root
+
+    def kind(self, path: str) -> str | None:
+        known = self._kinds.get(path)
+        if known is not None:
+            return known
+        real = os.path.realpath(self.full(path))
+        if real != self.root and not real.startswith(self._inside):
+            return None
+        if os.path.isdir(real):
+            return DIR
+        return FILE if os.path.isfile(real) else None
+
+    def list(self, directory: str) -> list[str]:
+        prefix = f"{directory}/" if directory else ""
+        names = []
+        with os.scandir(self.full(directory)) as it:
+            for e in it:
+                names.append(e.name)
+                if not e.is_symlink():
+                    if e.is_file():
+                        self._kinds[prefix + e.name] = FILE
+                    elif e.is_dir():
+                        self._kinds[prefix + e.name] = DIR
+        return names
+
+    def read(self, path: str) -> bytes:
+        with open(self.full(path), "rb") as fh:
+            return fh.read()
+
+    def display(self, path: str) -> str:
+        """How diagnostics name a file of the tree: relative to the working folder."""
+        directory, _, name = path.rpartition("/")
+        return os.path.join(_display_dir(self.full(directory), self._cwd), name)
+
+    def relative(self, path: Path) -> str | None:
+        """The tree path of a filesystem path, or None when it is not inside the root."""
+        rel = os.path.relpath(path, self.root)
+        if rel == ".":
+            return ""
+        if rel == ".." or rel.startswith(".." + os.sep) or os.path.isabs(rel):
+            return None
+        return rel.replace(os.sep, "/")
+
+
+class _TreeImages:
+    """A program's `images/` folder inside a tree, as a schema folder for `load_catalog`."""
+
+    def __init__(self, tree: Tree, directory: str) -> None:
+        self.tree = tree
+        self.directory = directory
+        self._files: list[tuple[str, str, bytes]] | None = None
+
+    def __str__(self) -> str:
+        return self.directory
+
+    def schemas(self) -> list[tuple[str, str, bytes]]:
+        if self._files is None:
+            if self.tree.kind(self.directory) != DIR:
+                raise FileNotFoundError(self.directory)
+            files = []
+            for name in sorted(self.tree.list(self.directory)):
+                path = f"{self.directory}/{name}"
+                if posixpath.splitext(name)[1] in (".yaml", ".yml") and self.tree.kind(path) == FILE:
+                    files.append((name, path, self.tree.read(path)))
+            self._files = files
+        return self._files
+
+    def stamp(self) -> tuple:
+        """Changes whenever any schema's name or content does: two revisions with different YAML never
+        share a cached catalog."""
+        try:
+            files = self.schemas()
+        except OSError as exc:
+            return ("unreadable", type(exc).__name__)
+        digest = hashlib.blake2b(digest_size=16)
+        for name, _, data in files:
+            digest.update(f"{name}\0{len(data)}\0".encode("utf-8", "surrogateescape"))
+            digest.update(data)
+        return (digest.hexdigest(),)
+
+
+def _search_dirs(extra: list[Path] | tuple = ()) -> list[Path]:
+    """Where schemas are found after the program's own `images/` folder."""
     env = os.environ.get("VMFLOW_IMAGES", "")
-    dirs += [Path(p) for p in env.split(os.pathsep) if p]
-    dirs.append(BUILTIN_IMAGES)
-    return dirs
+    return [*extra, *(Path(p) for p in env.split(os.pathsep) if p), BUILTIN_IMAGES]
+
+
+def image_dirs(program_dir: Path, extra: list[Path] | tuple = ()) -> list[Path]:
+    return [program_dir / "images", *_search_dirs(extra)]
 
 
 def discover(paths: list[Path]) -> tuple[list[Path], list[Diagnostic]]:
@@ -116,11 +251,23 @@ def _walk(root: Path):
                 yield Path(dirpath) / f
 
 
-def _flow_files(directory: Path) -> list[Path]:
-    """The `.flow` files directly in a folder, in name order."""
-    with os.scandir(directory) as it:
-        names = sorted(e.name for e in it if e.name.endswith(EXTENSION) and e.is_file())
-    return [directory / n for n in names]
+def _flow_files(tree: Tree, directory: str) -> list[str]:
+    """The `.flow` files directly in a folder of a tree, in name order."""
+    prefix = f"{directory}/" if directory else ""
+    return [prefix + n for n in sorted(tree.list(directory))
+            if n.endswith(EXTENSION) and tree.kind(prefix + n) == FILE]
+
+
+def _normal(path: str) -> str | None:
+    """A tree path in normal form, or None when it leaves the tree (absolute, or climbing above the root)."""
+    if path.startswith("/"):
+        return None
+    path = posixpath.normpath(path)
+    if path == ".":
+        return ""
+    if path == ".." or path.startswith("../"):
+        return None
+    return path
 
 
 def _display(path: Path) -> str:
@@ -136,6 +283,10 @@ def _display_dir(directory: str, cwd: str) -> str:
     except ValueError:  # pragma: no cover - another drive on Windows
         return directory
     return "" if rel == "." else rel
+
+
+def _same(name: str) -> str:
+    return name
 
 
 class Compiler:
@@ -167,13 +318,18 @@ class Compiler:
         return out
 
     def catalog(self, program_dir: Path) -> tuple[Catalog, list[Diagnostic], SourceSet]:
-        dirs = image_dirs(program_dir, self.extra_images)
-        key = tuple((str(d), _dir_stamp(d)) for d in dirs)
+        return self._catalog(image_dirs(program_dir, self.extra_images))
+
+    def _catalog(self, dirs: list) -> tuple[Catalog, list[Diagnostic], SourceSet]:
+        key = tuple(("path", str(d), _dir_stamp(d)) if isinstance(d, Path) else ("tree", str(d), d.stamp())
+                    for d in dirs)
         cached = self._catalogs.get(key)
         if cached is None:
             sources = SourceSet()
-            cat, diags = load_catalog([d for d in dirs], sources)
+            cat, diags = load_catalog(list(dirs), sources)
             cached = self._catalogs[key] = (cat, diags, sources)
+            while len(self._catalogs) > MAX_CATALOGS:
+                del self._catalogs[next(iter(self._catalogs))]
         return cached
 
     # -- programs
@@ -181,29 +337,92 @@ class Compiler:
         """Compile the program at `path` (a directory, or one file). Imports may not leave `root`:
         by default the git repository holding the program, or else the program's own folder."""
         path = path.resolve() if path.exists() else path
-        root = (root or find_root(path if path.is_dir() else path.parent)).resolve()
-        contents: dict[str, bytes] = {}
-        diags: list[Diagnostic] = []
-        for f in _flow_files(path) if path.is_dir() else [path]:
-            try:
-                data = f.read_bytes()
-            except OSError as e:
-                diags.append(error("F212", f"cannot read `{_display(f)}`: {e.strerror}", None))
-                continue
-            contents[_display(f)] = data
         program_dir = path if path.is_dir() else path.parent
-        return self.compile_files(contents, program_dir, root, diags)
+        root = (root or find_root(program_dir)).resolve()
+        tree = FileTree(root)
+        where = tree.relative(program_dir)
+        if where is None:  # a root that does not hold the program confines imports to the program's folder
+            tree, where = FileTree(program_dir.resolve()), ""
+        files: list[tuple[str, str, bytes]] = []
+        diags: list[Diagnostic] = []
+        if path.is_dir():
+            try:
+                names = _flow_files(tree, where)
+            except OSError as e:
+                names = []
+                diags.append(error("F212", f"cannot read `{_display_dir(str(path), os.getcwd()) or '.'}`: "
+                                           f"{e.strerror}", None))
+            for p in names:
+                name = tree.display(p)
+                try:
+                    files.append((p, name, tree.read(p)))
+                except OSError as e:
+                    diags.append(error("F212", f"cannot read `{name}`: {e.strerror}", None))
+        else:
+            try:
+                files.append((f"{where}/{path.name}" if where else path.name, _display(path), path.read_bytes()))
+            except OSError as e:
+                diags.append(error("F212", f"cannot read `{_display(path)}`: {e.strerror}", None))
+        with _no_gc():
+            return self._compile(tree, files, str(program_dir), image_dirs(program_dir, self.extra_images),
+                                 tree.display, diags)
 
     def compile_files(self, contents: dict[str, bytes], program_dir: Path, root: Path,
                       diags: list[Diagnostic] | None = None) -> Compilation:
+        """Compile files given by content, named as diagnostics should name them (relative to the working
+        folder); their imports are read from the filesystem below `root`."""
+        tree = FileTree(root.resolve())
+        files = []
+        for name, data in contents.items():
+            rel = tree.relative(Path(name).resolve())
+            # A file outside the root can still be compiled; each of its imports is reported as leaving it.
+            files.append((rel if rel is not None else f"../{name}", name, data))
         with _no_gc():
-            return self._compile(contents, program_dir, root, list(diags or []))
+            return self._compile(tree, files, str(program_dir), image_dirs(program_dir, self.extra_images),
+                                 tree.display, list(diags or []))
 
-    def _compile(self, contents: dict[str, bytes], program_dir: Path, root: Path,
-                 diags: list[Diagnostic]) -> Compilation:
+    def compile_tree(self, tree: Tree, program: str) -> Compilation:
+        """Compile the program at `program` in `tree`: a folder (its `.flow` files) or one file. Imports are
+        read from the same tree and may not leave it; image schemas come first from the program folder's
+        `images/` in the tree, then from the folders on disk that `compile_path` searches too. Files are
+        named by their tree path (`apps/web/main.flow`)."""
+        label = getattr(tree, "label", "the tree")
+        where = _normal(program)
+        if where is None:
+            return Compilation(program, [], SourceSet(), [error("F212", f"`{program}` is outside {label}", None)])
+        kind = tree.kind(where)
+        diags: list[Diagnostic] = []
+        files: list[tuple[str, str, bytes]] = []
+        program_dir = where if kind == DIR else posixpath.dirname(where)
+        if kind is None:
+            diags.append(error("F212", f"`{where or '.'}` does not exist in {label}", None))
+        elif kind == DIR:
+            try:
+                names = _flow_files(tree, where)
+            except OSError as e:
+                names = []
+                diags.append(error("F212", f"cannot read `{where or '.'}`: {e.strerror}", None))
+            if not names and not diags:
+                diags.append(error("F212", f"no `{EXTENSION}` files in `{where or '.'}` in {label}", None))
+        else:
+            names = [where]
+        for p in names if kind is not None else ():
+            try:
+                files.append((p, p, tree.read(p)))
+            except OSError as e:
+                diags.append(error("F212", f"cannot read `{p}`: {e.strerror}", None))
+        images = _TreeImages(tree, f"{program_dir}/images" if program_dir else "images")
+        with _no_gc():
+            return self._compile(tree, files, program_dir, [images, *_search_dirs(self.extra_images)], _same,
+                                 diags)
+
+    def _compile(self, tree: Tree, files: list[tuple[str, str, bytes]], program_dir: str, image_folders: list,
+                 name_of: Callable[[str], str], diags: list[Diagnostic]) -> Compilation:
+        """`files` are (tree path, name in diagnostics, content); `name_of` names the files imports add."""
         sources = SourceSet()
         entries: dict[str, _Entry] = {}
-        batch = list(contents.items())
+        paths = {name: p for p, name, _ in files}
+        batch = [(name, data) for _, name, data in files]
         while batch:  # the files given, then what they import, then what those import...
             new = self._entries(batch, sources)
             entries.update(new)
@@ -213,11 +432,19 @@ class Compiler:
                 if entry.unit is None:
                     continue
                 for imp in entry.unit.imports:
-                    for target, tdata in self._imports(name, imp, root, diags):
-                        if target not in entries and all(target != b[0] for b in batch):
-                            batch.append((target, tdata))
+                    for target in self._imports(tree, paths[name], imp, diags):
+                        tname = name_of(target)
+                        if tname in paths:
+                            continue
+                        try:
+                            data = tree.read(target)
+                        except OSError as e:
+                            diags.append(error("F212", f"cannot read `{tname}`: {e.strerror}", imp.path.span))
+                            continue
+                        paths[tname] = target
+                        batch.append((tname, data))
         lines = sum(s.text.count("\n") + 1 for s in sources.values())
-        comp = Compilation(str(program_dir), sorted(entries), sources, diags, lines=lines)
+        comp = Compilation(program_dir, sorted(entries), sources, diags, lines=lines)
         if has_errors(diags):
             comp.diagnostics = sort(diags)
             return comp
@@ -229,7 +456,7 @@ class Compiler:
         if has_errors(diags):
             comp.diagnostics = sort(diags)
             return comp
-        catalog, cat_diags, cat_sources = self.catalog(program_dir)
+        catalog, cat_diags, cat_sources = self._catalog(image_folders)
         sources.update(cat_sources)
         diags.extend(cat_diags)
         comp.catalog = catalog
@@ -261,33 +488,30 @@ class Compiler:
         comp.diagnostics = sort(diags)
         return comp
 
-    def _imports(self, importer: str, imp: A.Import, root: Path, diags: list[Diagnostic]):
-        base = Path(importer).resolve().parent
+    def _imports(self, tree: Tree, importer: str, imp: A.Import, diags: list[Diagnostic]):
+        """The tree paths of the files an import names, relative to the importing file's folder."""
         raw = imp.path.value
-        target = (base / raw).resolve()
         if "\x00" in raw or not raw:
             diags.append(error("F212", "empty or invalid import path", imp.path.span, label="bad path"))
             return
-        if not target.is_relative_to(root):
-            where = os.path.relpath(root)
-            where = "the current folder" if where == "." else f"`{where}`"
+        target = _normal(posixpath.join(posixpath.dirname(importer), raw))
+        if target is None:
+            where = getattr(tree, "label", "its root")
             diags.append(error("F212", f"import `{raw}` points outside the repository at {where}",
                                imp.path.span, label="outside the repository",
                                help="imports may only name files and folders inside the git repository that holds "
                                     "the program (outside git: inside the program's own folder)"))
             return
-        if target.is_dir():
-            files = _flow_files(target)
-        elif target.is_file():
-            files = [target]
+        kind = tree.kind(target)
+        if kind == DIR:
+            try:
+                yield from _flow_files(tree, target)
+            except OSError as e:
+                diags.append(error("F212", f"cannot read `{raw}`: {e.strerror}", imp.path.span))
+        elif kind == FILE:
+            yield target
         else:
             diags.append(error("F212", f"import `{raw}` not found", imp.path.span, label="no such file or folder"))
-            return
-        for f in files:
-            try:
-                yield _display(f), f.read_bytes()
-            except OSError as e:
-                diags.append(error("F212", f"cannot read `{_display(f)}`: {e.strerror}", imp.path.span))
 
 
 def _parse_one(key: tuple[str, str], name: str, text: str) -> tuple[tuple[str, str], _Entry]:
