@@ -411,23 +411,47 @@ def _open_hypervisor(uri: str):
                    "one would pass 65536 characters, separated by a line `<!-- vmflow: next comment -->`.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the plan; `vmflow apply FILE` applies exactly it, or refuses if the VMs changed since.")
+@click.option("--base", "base_ref", metavar="REF",
+              help="Preview a pull request: compile PATH at this git revision and at --head, straight from git "
+                   "(no checkout), and show what the change does to the program. No hypervisor is asked "
+                   "unless --libvirt is given.")
+@click.option("--head", "head_ref", metavar="REF",
+              help="The revision --base is compared with (default: HEAD, the committed head; uncommitted "
+                   "changes are not read).")
 @_no_color_option
-def plan(path: Path, state_dir, libvirt_uri, image_root, prune, allow_mass_delete, fmt, out, no_color) -> None:
+def plan(path: Path, state_dir, libvirt_uri, image_root, prune, allow_mass_delete, fmt, out, base_ref, head_ref,
+         no_color) -> None:
     """Show what applying the program would change, and why.
 
     Compares the program with what libvirt reports: `+` create, `~` update live, `~!` update with a
     restart, `-/+` replace, `-` destroy. Drift (changes made outside vmflow) is listed first.
 
+    With --base REF, previews a pull request instead: both revisions are compiled from the git repository
+    holding PATH, the head's VMs are planned against the base's as if the base had been applied, and the
+    other blocks (pools, morph rules, chains, reservations) that were added, removed or changed are listed.
+    With --libvirt URI the live plan of the head is shown too. `--format markdown` gives one pull-request
+    comment whose first line, a hidden `<!-- vmflow-preview ... -->` marker, lets CI update it in place.
+
     \b
-    Exit codes: 0 no changes, 2 changes to apply, 1 error.
+    Exit codes: 0 no changes, 2 changes to apply, 1 error (with --base: the head does not compile, or a
+    revision is unknown).
     \b
     Examples:
       vmflow plan examples/web
       vmflow plan examples/web -o web.plan.json && vmflow apply web.plan.json
+      vmflow plan infra/web --base origin/main                  # what this branch changes
+      vmflow plan infra/web --base "$BASE_SHA" --head "$HEAD_SHA" --format markdown > plan.md   # in CI
     """
     from controller import render_plan
     from controller.context import image_notes, make_plan, vm_to_json
 
+    if base_ref is not None:
+        if out is not None:
+            raise click.UsageError("--out saves a plan to apply; a preview (--base) is not one")
+        _plan_preview(path, base_ref, head_ref or "HEAD", fmt, libvirt_uri, state_dir, image_root, prune,
+                      allow_mass_delete, no_color)
+    if head_ref is not None:
+        raise click.UsageError("--head goes with --base")
     t = _load_target(path, libvirt_uri, state_dir, no_color, image_root)
     with _open_hypervisor(t.uri) as hv:
         p, actual = make_plan(t, hv, prune, allow_mass_delete)
@@ -454,6 +478,51 @@ def plan(path: Path, state_dir, libvirt_uri, image_root, prune, allow_mass_delet
     if not p.applyable:
         sys.exit(EXIT_ERROR)
     sys.exit(EXIT_CHANGES if p.actionable else EXIT_OK)
+
+
+def _plan_preview(path: Path, base_ref: str, head_ref: str, fmt: str, libvirt_uri, state_dir, image_root, prune: bool,
+                  allow_mass_delete: bool, no_color: bool) -> None:
+    """`plan --base`: the pull-request preview, and with --libvirt the live plan of the head. Exits."""
+    from compiler.program import Compiler
+    from controller import preview as pv
+    from controller import render_plan
+    from controller.context import ContextError, make_plan, target
+
+    if not path.exists():
+        raise click.UsageError(f"`{path}` does not exist")
+    try:
+        p, head = pv.from_git(path, base_ref, head_ref, Compiler())
+    except pv.PreviewError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_ERROR)
+    live, uri, unmanaged = None, "", 0
+    # A pull-request runner has no hypervisor state of its own: the embedded default is never implied here.
+    if p.head_ok and libvirt_uri:
+        program_dir = path.resolve() if path.is_dir() else path.resolve().parent
+        try:
+            t = target(head, p.program, program_dir, libvirt_uri,
+                       (state_dir or program_dir / ".vmflow").resolve(), image_root)
+        except ContextError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_ERROR)
+        with _open_hypervisor(t.uri) as hv:
+            live, actual = make_plan(t, hv, prune, allow_mass_delete)
+        uri, unmanaged = libvirt_uri, len(actual.unmanaged)
+    if fmt == "json":
+        click.echo(json.dumps(pv.to_json(p, live=live, live_uri=uri or None, unmanaged=unmanaged), indent=2,
+                              default=str))
+    elif fmt == "markdown":
+        bodies = pv.render_markdown(p, live=live, live_uri=uri, unmanaged=unmanaged)
+        click.echo(f"\n{render_plan.MARKDOWN_BREAK}\n".join(bodies), nl=False)
+    else:
+        click.echo(pv.render_text(p, _colour(no_color), live=live, live_uri=uri, unmanaged=unmanaged), nl=False)
+    if not p.head_ok:
+        click.echo(f"error: `{p.program}` does not compile at {p.head.label} "
+                   f"({render.summary(list(p.diagnostics))})", err=True)
+        sys.exit(EXIT_ERROR)
+    if not p.plan.applyable or (live is not None and not live.applyable):
+        sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_CHANGES if p.has_changes or (live is not None and live.actionable) else EXIT_OK)
 
 
 @cli.command()
