@@ -38,11 +38,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/compile.py
 	$(PY) bench/plan.py
+	$(PY) bench/latency.py
 	@if [ "$$(id -u)" = 0 ]; then scripts/setup-libvirt.sh && $(PY) bench/apply.py; \
 	 else echo "bench/apply.py skipped: it needs root for libvirtd"; fi
 
 bless: $(STAMP)
-	VMFLOW_BLESS=1 $(PY) -m pytest -q tests/test_golden.py tests/test_plan_golden.py tests/test_plan_markdown.py
+	VMFLOW_BLESS=1 $(PY) -m pytest -q tests/test_golden.py tests/test_plan_golden.py tests/test_plan_markdown.py tests/test_preview.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

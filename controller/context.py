@@ -56,8 +56,14 @@ def load(path: Path, libvirt_uri: str | None, state_dir: Path | None, images=(),
     comp = Compiler(images=list(images)).compile_path(path)
     program_dir = path.resolve() if path.is_dir() else path.resolve().parent
     sdir = (state_dir or program_dir / ".vmflow").resolve()
+    return target(comp, program_dir.name, program_dir, libvirt_uri, sdir, image_root)
+
+
+def target(comp: Compilation, name: str, program_dir: Path, libvirt_uri: str | None, state_dir: Path,
+           image_root: Path | None = None) -> Target:
+    """A compiled program, named `name` (the owner recorded on its VMs), bound to its hypervisor."""
     if not comp.ok:
-        return Target(program_dir, program_dir.name, comp, "", sdir, {})
+        return Target(program_dir, name, comp, "", state_dir, {})
     hosts = sorted({p.host for p in comp.program.pools.values() if p.host and p.host != "test:///default"})
     if libvirt_uri:
         uri = libvirt_uri
@@ -67,13 +73,12 @@ def load(path: Path, libvirt_uri: str | None, state_dir: Path | None, images=(),
     elif hosts:
         uri = hosts[0]
     else:
-        uri = embedded.uri(sdir)
+        uri = embedded.uri(state_dir)
     if uri == "test:///default":
-        uri = embedded.uri(sdir)
-    name = program_dir.name
+        uri = embedded.uri(state_dir)
     desired = {vm.name: desired_state(vm, name) for vm in comp.program.vms.values()}
     health = {vm.name: (vm.health.kind, vm.health.arg) for vm in comp.program.vms.values() if vm.health}
-    return Target(program_dir, name, comp, uri, sdir, desired, default_root(sdir, image_root), health)
+    return Target(program_dir, name, comp, uri, state_dir, desired, default_root(state_dir, image_root), health)
 
 
 def image_repo(t: Target, hv: Hypervisor) -> ImageRepo:

@@ -97,7 +97,67 @@ def main() -> None:
               "\nhypervisor's maximum, which cannot change while the VM runs, so this change restarts it:")
         run("plan", "web", cwd=Path(d))
         run("apply", "web", "--auto-approve", cwd=Path(d))
-    print("\nNext: `vmflow --help`, specs/language.md, specs/plan.md, and `make test`.")
+    controller_tour()
+    print("\nNext: `vmflow --help`, specs/language.md, specs/plan.md, specs/controller.md, and `make test`.")
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", HOME=str(repo.parent), GIT_AUTHOR_NAME="Demo",
+               GIT_AUTHOR_EMAIL="demo@example.com", GIT_COMMITTER_NAME="Demo", GIT_COMMITTER_EMAIL="demo@example.com")
+    print(f"$ git {' '.join(shlex.quote(a) for a in args)}", flush=True)
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def _applied(state: Path, sha: str, timeout: float = 30.0) -> bool:
+    import time
+
+    from controller.store import Store
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (state / "vmflow.db").exists():
+            store = Store(state / "vmflow.db")
+            doc = store.get_status("web") or {}
+            store.close()
+            if (doc.get("revisions") or {}).get("last_applied") == sha:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def controller_tour() -> None:
+    """The main job: a controller watching a git repository, applying each commit as it lands."""
+    with tempfile.TemporaryDirectory(prefix="vmflow-demo-git-") as d:
+        repo = Path(d) / "infra"
+        shutil.copytree(ROOT / "examples" / "web", repo / "web")
+        state = Path(d) / "state"
+        print("\nThe controller: a git repository holding the web tier, watched by `vmflow controller` on the"
+              "\nembedded default. Each commit is compiled from git, planned and applied within a second.")
+        _git(repo, "init", "-q", "-b", "main")
+        _git(repo, "add", "-A")
+        _git(repo, "commit", "-q", "-m", "web tier")
+        first = _git(repo, "rev-parse", "HEAD").strip()
+        cmd = [sys.executable, "-m", "controller.cli", "controller", "--repo", str(repo), "--path", "web",
+               "--state-dir", str(state), "--listen", "off", "--resync", "3600"]
+        print(f"$ vmflow controller --repo {repo.name} --path web --state-dir state &", flush=True)
+        proc = subprocess.Popen(cmd, cwd=d)
+        try:
+            if not _applied(state, first):
+                print("the controller did not apply the first revision", file=sys.stderr)
+                sys.exit(1)
+            flow = repo / "web" / "web.flow"
+            flow.write_text(flow.read_text().replace("cpu    = 2 .. 8", "cpu    = 4 .. 8", 1))
+            print("\nweb.flow now starts `web` with 4 vCPUs; commit it and the controller applies it:")
+            _git(repo, "commit", "-q", "-am", "web: 4 vCPUs")
+            second = _git(repo, "rev-parse", "HEAD").strip()
+            if not _applied(state, second):
+                print("the controller did not apply the change", file=sys.stderr)
+                sys.exit(1)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        run("status", "--state-dir", "state", cwd=Path(d))
+        run("history", "--state-dir", "state", cwd=Path(d))
 
 
 if __name__ == "__main__":
