@@ -28,6 +28,9 @@ MORPH_OUTCOMES = (
     "skipped-cooldown",
     "skipped-rate",
     "skipped-bound",
+    "skipped-concurrency",
+    "reverted",
+    "paused",
     "failed",
 )
 # A reconcile with nothing to do takes tens of milliseconds; one that restarts and verifies a batch of

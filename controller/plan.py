@@ -10,15 +10,18 @@ on both sides: the differences, each classed by what applying it costs:
   +  create, - delete
 
 Each change carries machine-readable reasons (specs/plan.md lists them) and the attribute paths that force
-a restart or a replacement. Drift, where actual differs from what vmflow last applied, is reported
+a restart or a replacement. Differences that active morphs explain are accepted while the base the program
+last applied is unchanged; otherwise the VM goes back to the desired base and its morphs are dropped
+(`morphs-reset`, specs/morphs.md). Drift, where actual differs from what vmflow last applied, is reported
 separately. A plan never promises what apply would refuse: capacity and maxima are checked here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
+from controller import morph
 from controller.state import ActualState, VmState
 
 
@@ -54,6 +57,7 @@ class Reason(str, Enum):
     POOL = "pool"                                # moving to another pool (host)
     NOT_RUNNING = "not-running"                  # the domain is defined but stopped: start it
     MORPHED = "morphed"                          # no-op: differs from the base by allowed, active morphs
+    MORPHS_RESET = "morphs-reset"                # back to the (new) base: the active morphs are dropped
 
 
 @dataclass(frozen=True)
@@ -118,38 +122,65 @@ class Plan:
 
 
 def _diff_vm(want: VmState, have: VmState, opts: Options) -> Change:
+    """One VM's change. Differences that active morphs explain are accepted (a no-op, `morphed`) while the
+    base the repository last applied is still the desired one; otherwise the VM goes to the desired base,
+    its morphs are dropped (the desired state records none) and the change says `morphs-reset`."""
+    if not (have.owner and have.owner.morphs):
+        return _compare(want, have, opts, honour_morphs=False)
+    kept = _compare(want, have, opts, honour_morphs=True)
+    if kept.action is Action.NOOP and not morph.base_changed(want, have):
+        return replace(kept, reasons=(Reason.MORPHED,))
+    reset = _compare(want, have, opts, honour_morphs=False)
+    reasons = list(reset.reasons)
+    restart = list(reset.restart_paths)
+    # The observed image of a VM under an OS-swap morph is read from the record's base: the swapped-in image
+    # is what runs, so going back to the base always swaps the image.
+    if _morphed(have, "image") and Reason.IMAGE not in reasons:
+        reasons.append(Reason.IMAGE)
+        restart.append("image")
+    reasons.append(Reason.MORPHS_RESET)
+    action = reset.action
+    if action is Action.NOOP or (action is Action.UPDATE_LIVE and restart):
+        action = Action.UPDATE_RESTART if restart else Action.UPDATE_LIVE
+    return Change(reset.address, action, have, want, tuple(reasons), tuple(restart), reset.replace_paths)
+
+
+def _compare(want: VmState, have: VmState, opts: Options, honour_morphs: bool) -> Change:
+    """The change from `have` to `want`; with `honour_morphs`, differences at paths an active morph
+    explains are not changes."""
+    morphed = (lambda path: _morphed(have, path)) if honour_morphs else (lambda path: False)
     reasons: list[Reason] = []
     restart: list[str] = []
-    replace: list[str] = []
+    replace_: list[str] = []
     if want.pool != have.pool and have.pool is not None:
         reasons.append(Reason.POOL)
-        replace.append("pool")
+        replace_.append("pool")
     if want.max_vcpus != have.max_vcpus:
         reasons.append(Reason.CPU_MAX)
         restart.append("cpu.bound")
-    elif want.vcpus != have.vcpus and not _morphed(have, "cpu"):
+    elif want.vcpus != have.vcpus and not morphed("cpu"):
         reasons.append(Reason.CPU_LIVE)
     if want.max_memory_kib != have.max_memory_kib:
         reasons.append(Reason.MEMORY_MAX)
         restart.append("memory.bound")
-    elif want.memory_kib != have.memory_kib and not _morphed(have, "memory"):
+    elif want.memory_kib != have.memory_kib and not morphed("memory"):
         reasons.append(Reason.MEMORY_LIVE)
-    if want.image != have.image and not _morphed(have, "image"):
+    if want.image != have.image and not morphed("image"):
         reasons.append(Reason.IMAGE)
         restart.append("image")
     wd = {d.name: d for d in want.disks}
     hd = {d.name: d for d in have.disks}
-    _added_removed("disk", wd, hd, have, opts, reasons, restart, skip_morphed=True)
+    _added_removed("disk", wd, hd, morphed, opts, reasons, restart)
     for n in sorted(wd.keys() & hd.keys()):
         if hd[n].size_kib and wd[n].size_kib != hd[n].size_kib:
             reasons.append(Reason.DISK_RESIZE)
             restart.append(f"disk.{n}.size")
     wn = {n.name: n for n in want.nics}
     hn = {n.name: n for n in have.nics}
-    _added_removed("nic", wn, hn, have, opts, reasons, restart, skip_morphed=False)
+    _added_removed("nic", wn, hn, morphed, opts, reasons, restart)
     for n in sorted(wn.keys() & hn.keys()):
         a, b = wn[n], hn[n]
-        if (a.network, a.bridge, a.model) != (b.network, b.bridge, b.model) and not _morphed(have, f"nic.{n}"):
+        if (a.network, a.bridge, a.model) != (b.network, b.bridge, b.model) and not morphed(f"nic.{n}"):
             reasons.append(Reason.NIC_CHANGE)
             if not opts.device_hotplug or a.model != b.model:
                 restart.append(f"nic.{n}")
@@ -159,30 +190,31 @@ def _diff_vm(want: VmState, have: VmState, opts: Options) -> Change:
     if not have.running and not reasons:
         reasons.append(Reason.NOT_RUNNING)
     address = f"vm.{want.name}"
-    if replace:
-        return Change(address, Action.REPLACE, have, want, tuple(reasons), tuple(restart), tuple(replace))
+    if replace_:
+        return Change(address, Action.REPLACE, have, want, tuple(reasons), tuple(restart), tuple(replace_))
     if restart:
         return Change(address, Action.UPDATE_RESTART, have, want, tuple(reasons), tuple(restart))
     if reasons:
         return Change(address, Action.UPDATE_LIVE, have, want, tuple(reasons))
-    noop_reasons = (Reason.MORPHED,) if have.owner and have.owner.morphs else ()
-    return Change(address, Action.NOOP, have, want, noop_reasons)
+    return Change(address, Action.NOOP, have, want, ())
 
 
 _ADD = {"disk": Reason.DISK_ADD, "nic": Reason.NIC_ADD}
 _REMOVE = {"disk": Reason.DISK_REMOVE, "nic": Reason.NIC_REMOVE}
 
 
-def _added_removed(kind: str, want: dict, have_devices: dict, have: VmState, opts: Options,
-                   reasons: list[Reason], restart: list[str], skip_morphed: bool) -> None:
-    """Devices of one kind that appear or disappear: live with hotplug, a restart without it. A disk a
-    morph attached is not removed by the planner (`skip_morphed`)."""
+def _added_removed(kind: str, want: dict, have_devices: dict, morphed, opts: Options,
+                   reasons: list[Reason], restart: list[str]) -> None:
+    """Devices of one kind that appear or disappear: live with hotplug, a restart without it. A device a
+    morph attached or detached (`morphed(path)`) is left as it is."""
     for n in sorted(want.keys() - have_devices.keys()):
+        if morphed(f"{kind}.{n}"):
+            continue
         reasons.append(_ADD[kind])
         if not opts.device_hotplug:
             restart.append(f"{kind}.{n}")
     for n in sorted(have_devices.keys() - want.keys()):
-        if skip_morphed and _morphed(have, f"{kind}.{n}"):
+        if morphed(f"{kind}.{n}"):
             continue
         reasons.append(_REMOVE[kind])
         if not opts.device_hotplug:
