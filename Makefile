@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/compile.py
 	$(PY) bench/plan.py
 	$(PY) bench/latency.py
+	$(PY) bench/monitor.py
 	@if [ "$$(id -u)" = 0 ]; then scripts/setup-libvirt.sh && $(PY) bench/apply.py; \
 	 else echo "bench/apply.py skipped: it needs root for libvirtd"; fi
 

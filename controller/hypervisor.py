@@ -8,6 +8,9 @@ retrying the same request will not help).
 
 Guest-side operations (graceful shutdown, health checks) go through the QEMU guest agent; on the test driver,
 which has no guest, they fall back to what it can do (a hard stop; "running" as the health check).
+
+The monitor reads every domain's counters in one bulk call (`stats`); the test driver's bulk call reports
+only run states, so there each running domain's vCPUs and CPU time come from its (in-process) `info`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import subprocess
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import libvirt
@@ -54,6 +58,68 @@ class Capabilities:
     driver: str
     device_hotplug: bool
     guest_agent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DomainStats:
+    """One domain's counters from one bulk statistics call. Counters are cumulative since the domain's
+    process started (they go back to zero when it restarts); None where the driver did not report them
+    (a stopped domain, a guest without balloon statistics, the test driver's missing groups)."""
+
+    name: str
+    state: str  # running | blocked | paused | shutdown | shutoff | crashed | pmsuspended | nostate
+    cpu_time_ns: int | None = None
+    vcpus: int | None = None
+    balloon_current_kib: int | None = None  # memory the guest has now (the balloon's size)
+    balloon_available_kib: int | None = None  # memory the guest's kernel sees (MemTotal)
+    balloon_usable_kib: int | None = None  # what it could use without swapping (MemAvailable)
+    balloon_unused_kib: int | None = None  # left completely unused (MemFree)
+    block_rd_bytes: int | None = None  # summed over the domain's disks
+    block_wr_bytes: int | None = None
+    net_rx_bytes: int | None = None  # summed over its interfaces
+    net_tx_bytes: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("running", "blocked")
+
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+_STATS_GROUPS = (libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+                 | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_VCPU
+                 | libvirt.VIR_DOMAIN_STATS_INTERFACE | libvirt.VIR_DOMAIN_STATS_BLOCK)
+
+
+def _summed(record: dict, group: str, field: str) -> int | None:
+    """`block.0.rd.bytes + block.1.rd.bytes + ...`; None when the group reports no such counter."""
+    count = record.get(f"{group}.count")
+    if not count:
+        return None
+    values = [record.get(f"{group}.{i}.{field}") for i in range(count)]
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+def _domain_stats(name: str, record: dict) -> DomainStats:
+    return DomainStats(
+        name=name,
+        state=_STATE_NAMES.get(record.get("state.state", 0), "nostate"),
+        cpu_time_ns=record.get("cpu.time"),
+        vcpus=record.get("vcpu.current"),
+        balloon_current_kib=record.get("balloon.current"),
+        balloon_available_kib=record.get("balloon.available"),
+        balloon_usable_kib=record.get("balloon.usable"),
+        balloon_unused_kib=record.get("balloon.unused"),
+        block_rd_bytes=_summed(record, "block", "rd.bytes"),
+        block_wr_bytes=_summed(record, "block", "wr.bytes"),
+        net_rx_bytes=_summed(record, "net", "rx.bytes"),
+        net_tx_bytes=_summed(record, "net", "tx.bytes"),
+    )
 
 
 def _wrap(operation: str, e: libvirt.libvirtError) -> HypervisorError:
@@ -140,6 +206,56 @@ class Hypervisor:
         except libvirt.libvirtError as e:
             raise _wrap("export", e) from None
         return out
+
+    def stats(self, names: Iterable[str] | None = None) -> dict[str, DomainStats]:
+        """Every domain's counters (or those of `names`), from one bulk call. NOWAIT: a domain busy with a
+        job (a snapshot being taken) reports what it can at once instead of holding up the whole call, so
+        some of its counters may be missing this time. Domains in `names` that do not exist are left out.
+
+        The test driver's bulk call reports run states only; its running domains get vCPUs, CPU time and
+        balloon size from `info` (in-process, microseconds each). Its CPU time is the wall clock, so a
+        test-driver VM always reads as 100/vCPUs % busy, and it has no guest memory, disk or network
+        counters."""
+        try:
+            records = self.conn.getAllDomainStats(_STATS_GROUPS,
+                                                  libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
+        except libvirt.libvirtError as e:
+            raise _wrap("read statistics", e) from None
+        want = None if names is None else set(names)
+        test = self.capabilities.driver == "test"
+        out: dict[str, DomainStats] = {}
+        for dom, record in records:
+            try:
+                name = dom.name()
+                if want is not None and name not in want:
+                    continue
+                if test and "cpu.time" not in record and record.get("state.state") == libvirt.VIR_DOMAIN_RUNNING:
+                    _state, _max_kib, kib, vcpus, cpu_ns = dom.info()
+                    st = DomainStats(name, "running", cpu_time_ns=cpu_ns, vcpus=vcpus, balloon_current_kib=kib)
+                else:
+                    st = _domain_stats(name, record)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # undefined since the call: it is simply not there
+                raise _wrap("read statistics", e) from None
+            out[name] = st
+        return out
+
+    def has_agent(self, name: str) -> bool:
+        """Whether the domain has a guest-agent channel on a driver that can talk to it."""
+        if not self.capabilities.guest_agent:
+            return False
+        doc = ET.fromstring(self.xml(name))
+        return any(t.get("name") == domain_xml.AGENT_CHANNEL for t in doc.iterfind("devices/channel/target"))
+
+    def app_running(self, name: str, app: str, timeout: float = 5.0) -> bool | None:
+        """Whether an application runs in the guest, as the `app("x") running` health check asks it
+        (`pidof x`), once and without waiting for the guest to boot; None when the agent does not answer."""
+        try:
+            code, _, _ = self.guest_exec(name, ["pidof", str(app)], timeout=timeout)
+        except HypervisorError:
+            return None
+        return code == 0
 
     def xml(self, name: str, inactive: bool = False) -> str:
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0

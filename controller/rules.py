@@ -126,8 +126,11 @@ class _Samples:
         return got
 
     def span(self, metric: str, start: float, end: float) -> tuple[list[float], list[float]]:
+        """The samples in the window (start, end]: open at the start, because the sample at the start
+        stands for the interval before the window. So `for 30s` at a 10 s interval needs the three
+        samples at t-20, t-10 and t, and a rule reacts within its window plus one interval."""
         times, values = self.get(metric)
-        i = bisect.bisect_left(times, start - _EPS)
+        i = bisect.bisect_right(times, start + _EPS)
         j = bisect.bisect_right(times, end + _EPS)
         return times[i:j], values[i:j]
 
@@ -145,7 +148,7 @@ _second = operator.itemgetter(1)
 
 
 def covered(times: list[float], start: float, end: float, gap: float) -> bool:
-    """True when samples at `times` (sorted, all within [start, end]) leave no stretch of the window longer
+    """True when samples at `times` (sorted, all within (start, end]) leave no stretch of the window longer
     than `gap` without a sample: the first within `gap` of the start, the last within `gap` of the end, and
     no two consecutive ones further apart."""
     if not times or times[0] - start > gap + _EPS or end - times[-1] > gap + _EPS:
@@ -275,7 +278,7 @@ def _cmp_at(c: M.Cmp, s: _Samples, at: float) -> bool | None:
 
 
 def _held_for(c: M.Cmp, s: _Samples, at: float) -> bool | None:
-    """`X for D` at `at`: X held at every sample in [at - D, at] (False as soon as one sample says otherwise)
+    """`X for D` at `at`: X held at every sample in (at - D, at] (False as soon as one sample says otherwise)
     and the samples cover that window (else None)."""
     start = at - c.window
     names = _metrics_of(c.left) + _metrics_of(c.right)

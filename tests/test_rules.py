@@ -105,9 +105,9 @@ def acting(history) -> list[Decision]:
 
 def oracle_for(samples: list[tuple[float, float]], t: float, window: float, op: str, value: float,
                gap: float) -> bool:
-    """Brute force, straight from specs/morphs.md: every sample in [t - window, t] satisfies the comparison,
+    """Brute force, straight from specs/morphs.md: every sample in (t - window, t] satisfies the comparison,
     and no stretch of the window longer than `gap` is without a sample."""
-    inside = [(s, v) for s, v in samples if t - window - 1e-9 <= s <= t + 1e-9]
+    inside = [(s, v) for s, v in samples if t - window + 1e-9 < s <= t + 1e-9]
     if not inside or not all(OPS[op](v, value) for _, v in inside):
         return False
     edges = [t - window] + [s for s, _ in inside] + [t]
@@ -373,7 +373,7 @@ def test_revert_when_and_the_hysteresis_after_it() -> None:
     assert got == [
         (0.0, "fire", "fired"),               # 2 → 3
         (40.0, "fire", "fired"),              # still hot once the cooldown is over, and room to grow: 3 → 4
-        (70.0, "skip", "skipped-cooldown"),   # memory < 10% for 10s (samples at 60 and 70), in the cooldown
+        (60.0, "skip", "skipped-cooldown"),   # memory < 10% for 10s (the sample at 60 covers (50, 60]), in the cooldown
         (80.0, "revert", "reverted"),         # back to 2
         # still hot, but the revert disarmed it; cpu drops to 50% at 150, which re-arms it
         (160.0, "fire", "fired"),
@@ -442,13 +442,13 @@ def test_functions_over_a_window() -> None:
     assert fires("avg(cpu, 10m) > 29%", flat) is not None
     assert fires("avg(cpu, 10m) > 31%", flat) is None
     assert fires("max(cpu, 1m) >= 60%", flat) is not None
-    assert fires("min(cpu, 1m) >= 54%", flat) is not None and fires("min(cpu, 1m) > 54%", flat) is None
-    values = [v for _, v in flat["cpu"][-31:]]
+    assert fires("min(cpu, 1m) >= 55%", flat) is not None and fires("min(cpu, 1m) > 55%", flat) is None
+    values = [v for _, v in flat["cpu"][-30:]]  # (t - 5m, t]: the last 30 samples
     p95 = float(np.percentile(values, 95))
     assert fires(f"p95(cpu, 5m) >= {p95 - 0.01}%", flat) is not None
     assert fires(f"p95(cpu, 5m) > {p95 + 0.01}%", flat) is None
     d = fires("avg(cpu, 10m) > 29% or p95(cpu, 5m) > 99%", flat)
-    assert d.reason == "avg(cpu, 10m) 30% > 29%: cpu 2 → 4"
+    assert d.reason == "avg(cpu, 10m) 30.5% > 29%: cpu 2 → 4"
     # A window the samples do not cover yet: no data, no firing.
     assert fires("avg(cpu, 20m) > 1%", flat) is None
 
