@@ -6,12 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bless lint setup clean
 
-# Debian packages the Python dependencies build against: libvirt-python compiles against libvirt-dev.
-DEB_BUILD := python3 python3-venv python3-dev gcc pkg-config libvirt-dev
+# Debian packages: libvirt-python compiles against libvirt-dev; the controller reads repositories with git
+# and checks commit signatures with gpg.
+DEB_BUILD := python3 python3-venv python3-dev gcc pkg-config libvirt-dev git gnupg
 
 $(STAMP): pyproject.toml
 	@if ! (command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null \
-	       && pkg-config --exists libvirt && command -v gcc >/dev/null); then \
+	       && pkg-config --exists libvirt && command -v gcc >/dev/null && command -v git >/dev/null \
+	       && command -v gpg >/dev/null); then \
 	  echo "installing Debian packages: $(DEB_BUILD)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_BUILD) >/dev/null; \
 	fi

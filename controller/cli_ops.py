@@ -45,6 +45,12 @@ def _read_config(ctx: click.Context, _param, value: Path | None):
 
         hint = did_you_mean(unknown[0], sorted(_CONFIG_KEYS))
         raise click.BadParameter(f"{value}: unknown key `{unknown[0]}`" + (f"; {hint}" if hint else ""))
+    # Keys are the options' names; click's defaults are keyed by parameter name.
+    for key, param in (("path", "subpath"), ("libvirt", "libvirt_uri")):
+        if key in doc:
+            doc[param] = doc.pop(key)
+    if "watch" in doc:
+        doc["no_watch"] = not doc.pop("watch")
     ctx.default_map = {**(ctx.default_map or {}), **doc}
     return value
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from compiler.program import Compilation, Compiler
 from compiler.render import as_dict
+from compiler.render import summary as render_summary
 from controller import context, embedded
 from controller.apply import Applier, ApplyResult
 from controller.gitsource import GitError, GitSource
@@ -295,8 +296,8 @@ class Reconciler:
         if not comp.ok:
             diags = _diagnostics(comp)
             return self._stall(status, rev, "BuildFailed",
-                               f"revision {_short(rev)} does not compile ({len(diags)} problems); revision "
-                               f"{_short(last)} stays applied", now, diagnostics=diags)
+                               f"revision {_short(rev)} does not compile ({render_summary(comp.diagnostics)}); "
+                               + (f"revision {_short(last)} stays applied" if last else "nothing was applied"), now, diagnostics=diags)
         try:
             t = context.target(comp, self.program, Path(self.source.path or "."), self.libvirt_uri, self.state_dir,
                                self.settings.image_root)

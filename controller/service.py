@@ -160,8 +160,10 @@ class Controller:
                 trigger = None
                 if queued:
                     trigger = queued[-1][0]
-                elif retry_at is not None and now >= retry_at:
-                    trigger = "retry"
+                elif retry_at is not None:
+                    # Backing off: neither the resync nor the poll may cut the wait short.
+                    if now >= retry_at:
+                        trigger = "retry"
                 elif now >= next_resync:
                     trigger = "resync"
                 elif now >= next_poll:

@@ -27,7 +27,7 @@ from controller.hypervisor import Hypervisor
 from controller.reconcile import Reconciler, Settings, TemporaryError
 from controller.store import Store
 from tests.cli_runner import ROOT, TWO_VMS, vmflow
-from tests.gitrepo import Repo
+from tests.gitrepo import Keys, Repo
 
 PROGRAM = "apps/web/web.flow"
 
@@ -250,6 +250,76 @@ def test_unreachable_corrupt_and_unrelated_sources_keep_the_last_good_state(setu
         rec2.reconcile_once()
     assert e.value.reason == "SourceUnavailable"
     assert set(_vms(state)) == {"web", "api"}
+
+
+def test_with_signature_checks_only_commits_signed_by_a_trusted_key_are_applied(tmp_path):
+    keys = Keys()
+    try:
+        trusted_fpr, stranger_fpr = keys.make("Ops <ops@example.com>"), keys.make("Mallory <m@example.com>")
+        trusted = tmp_path / "trusted"
+        keys.export(trusted_fpr, trusted)
+        repo = Repo(tmp_path / "infra")
+        unsigned = repo.commit({PROGRAM: TWO_VMS}, "unsigned")
+        state = tmp_path / "state"
+        rec = _rec(repo, state, verify_signatures=True, trusted_keys=trusted)
+        out = rec.reconcile_once()
+        assert out.result == "stalled" and out.revision == unsigned
+        st = rec.status()
+        assert st["last_error"]["reason"] == "UntrustedRevision"
+        assert st["last_error"]["message"].endswith("the commit is not signed")
+        assert _vms(state) == {}
+        good = keys.signed_commit(repo, trusted_fpr, {}, "signed by ops")
+        assert rec.reconcile_once().result == "synced"
+        assert rec.status()["revisions"]["last_applied"] == good and set(_vms(state)) == {"web", "api"}
+        keys.signed_commit(repo, stranger_fpr, {PROGRAM: _with_cpu(TWO_VMS, "4 .. 8")}, "signed by someone else")
+        out = rec.reconcile_once()
+        assert out.result == "stalled" and "not trusted" in rec.status()["last_error"]["message"]
+        assert _vms(state)["web"].vcpus == 2 and rec.status()["revisions"]["last_applied"] == good
+        rec.close()
+    finally:
+        keys.close()
+
+
+def test_temporary_errors_are_retried_with_growing_backoff_and_nothing_is_deleted(setup, tmp_path, caplog):
+    import logging
+    import threading
+
+    from controller.service import Config, Controller
+
+    repo, state, rec, first = setup
+    rec.reconcile_once()
+    rec.close()
+    cfg = Config(repo=str(repo.path), path="apps/web", state_dir=state, listen=None, resync=0.05,
+                 backoff_base=0.05, backoff_max=0.4, watch=False)
+    ctrl = Controller(cfg)
+    (repo.path / ".git").rename(tmp_path / "git-away")  # the repository breaks while the controller runs
+    caplog.set_level(logging.WARNING, logger="vmflow")
+    stopper = threading.Timer(2.0, ctrl.stop)  # the loop runs in this (main) thread: it installs signal handlers
+    stopper.start()
+    assert ctrl.run() == 0
+    retries = [r for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) >= 3
+    delays = [float(r.getMessage().split("retrying in ")[1].rstrip("s")) for r in retries]
+    assert delays[:4] == sorted(delays[:4]) and delays[3] >= 4 * delays[0]  # doubling, with ±10% jitter
+    assert max(delays) <= 0.45  # capped
+    st = Store(state / "vmflow.db").get_status("web")
+    assert st["revisions"]["last_applied"] == first
+    assert st["last_error"]["reason"] == "SourceUnavailable"
+    assert set(_vms(state)) == {"web", "api"}
+
+
+def test_controller_options_come_from_a_config_file_and_the_environment(setup, tmp_path):
+    repo, state, rec, first = setup
+    rec.close()
+    cfg = tmp_path / "controller.yaml"
+    cfg.write_text(f"repo: {repo.path}\npath: apps/web\nstate_dir: {state}\nself_heal: true\n")
+    r = vmflow("controller", "--config", str(cfg), "--once", env={"VMFLOW_PRUNE": "1"})
+    assert r.returncode == 0, r.stderr
+    st = Store(state / "vmflow.db").get_status("web")
+    assert st["self_heal"] is True and st["prune"] is True and st["revisions"]["last_applied"] == first
+    cfg.write_text("repo: x\nself-heel: true\n")
+    r = vmflow("controller", "--config", str(cfg), "--once")
+    assert r.returncode == 64 and "unknown key `self_heel`; did you mean `self_heal`?" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------- the real process
