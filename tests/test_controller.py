@@ -420,7 +420,7 @@ def test_kill_9_mid_apply_recovers_from_the_journal_and_converges(setup, tmp_pat
     repo.commit({PROGRAM: _with_cpu(TWO_VMS, "4 .. 8").replace("cpu    = 1 .. 4", "cpu    = 2 .. 4")}, "both")
     # The driver runs one reconcile and SIGKILLs itself right after the first journal intent.
     driver = ROOT / "tests" / "controller_kill_driver.py"
-    r = subprocess.run([sys.executable, str(driver), str(repo.path), "apps/web", str(state)], cwd=ROOT,
+    r = subprocess.run([sys.executable, str(driver), "kill", str(repo.path), "apps/web", str(state)], cwd=ROOT,
                        env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
     assert r.returncode == -signal.SIGKILL, r.stderr
     store = Store(state / "vmflow.db")
@@ -435,3 +435,31 @@ def test_kill_9_mid_apply_recovers_from_the_journal_and_converges(setup, tmp_pat
     vms = _vms(state)
     assert (vms["web"].vcpus, vms["api"].vcpus) == (4, 2)
     assert store.get_status("web")["sync"] == "Synced"
+
+
+def test_sigterm_mid_apply_finishes_the_change_in_flight_and_starts_no_other(setup):
+    repo, state, rec, first = setup
+    rec.reconcile_once()
+    rec.close()
+    second = repo.commit({PROGRAM: _with_cpu(TWO_VMS, "4 .. 8").replace("cpu    = 1 .. 4", "cpu    = 2 .. 4")},
+                         "both")
+    driver = ROOT / "tests" / "controller_kill_driver.py"
+    r = subprocess.run([sys.executable, str(driver), "term", str(repo.path), "apps/web", str(state)], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    store = Store(state / "vmflow.db")
+    assert not store.unfinished()  # the journal is consistent: no intent left open
+    last = store.history("web")[0]
+    assert [c["result"] for c in last.summary["changes"]] == ["applied", "not-started"]
+    vms = _vms(state)
+    assert (vms["api"].vcpus, vms["web"].vcpus) == (2, 2)  # api (first in order) done, web not started
+    st = store.get_status("web")
+    assert st["revisions"]["last_applied"] == first and st["revisions"]["failed"] is None
+    assert "stopped during revision" in st["last_error"]["message"]
+    store.close()
+    # The next run picks the revision up again: it was interrupted, not failed.
+    r = vmflow("controller", "--repo", str(repo.path), "--path", "apps/web", "--state-dir", str(state), "--once")
+    assert r.returncode == 0, r.stderr
+    vms = _vms(state)
+    assert (vms["api"].vcpus, vms["web"].vcpus) == (2, 4)
+    assert Store(state / "vmflow.db").get_status("web")["revisions"]["last_applied"] == second
