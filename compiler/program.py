@@ -25,12 +25,13 @@ import hashlib
 import multiprocessing
 import os
 import posixpath
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from compiler import ast as A
 from compiler import model as M
@@ -343,7 +344,8 @@ class Compiler:
         where = tree.relative(program_dir)
         if where is None:  # a root that does not hold the program confines imports to the program's folder
             tree, where = FileTree(program_dir.resolve()), ""
-        files: list[tuple[str, str, bytes]] = []
+        contents: dict[str, bytes] = {}
+        paths: dict[str, str] = {}
         diags: list[Diagnostic] = []
         if path.is_dir():
             try:
@@ -354,17 +356,20 @@ class Compiler:
                                            f"{e.strerror}", None))
             for p in names:
                 name = tree.display(p)
+                paths[name] = p
                 try:
-                    files.append((p, name, tree.read(p)))
+                    contents[name] = tree.read(p)
                 except OSError as e:
                     diags.append(error("F212", f"cannot read `{name}`: {e.strerror}", None))
         else:
+            name = _display(path)
+            paths[name] = f"{where}/{path.name}" if where else path.name
             try:
-                files.append((f"{where}/{path.name}" if where else path.name, _display(path), path.read_bytes()))
+                contents[name] = path.read_bytes()
             except OSError as e:
-                diags.append(error("F212", f"cannot read `{_display(path)}`: {e.strerror}", None))
+                diags.append(error("F212", f"cannot read `{name}`: {e.strerror}", None))
         with _no_gc():
-            return self._compile(tree, files, str(program_dir), image_dirs(program_dir, self.extra_images),
+            return self._compile(tree, contents, paths, str(program_dir), image_dirs(program_dir, self.extra_images),
                                  tree.display, diags)
 
     def compile_files(self, contents: dict[str, bytes], program_dir: Path, root: Path,
@@ -372,13 +377,13 @@ class Compiler:
         """Compile files given by content, named as diagnostics should name them (relative to the working
         folder); their imports are read from the filesystem below `root`."""
         tree = FileTree(root.resolve())
-        files = []
-        for name, data in contents.items():
+        paths = {}
+        for name in contents:
             rel = tree.relative(Path(name).resolve())
             # A file outside the root can still be compiled; each of its imports is reported as leaving it.
-            files.append((rel if rel is not None else f"../{name}", name, data))
+            paths[name] = rel if rel is not None else f"../{name}"
         with _no_gc():
-            return self._compile(tree, files, str(program_dir), image_dirs(program_dir, self.extra_images),
+            return self._compile(tree, contents, paths, str(program_dir), image_dirs(program_dir, self.extra_images),
                                  tree.display, list(diags or []))
 
     def compile_tree(self, tree: Tree, program: str) -> Compilation:
@@ -392,7 +397,7 @@ class Compiler:
             return Compilation(program, [], SourceSet(), [error("F212", f"`{program}` is outside {label}", None)])
         kind = tree.kind(where)
         diags: list[Diagnostic] = []
-        files: list[tuple[str, str, bytes]] = []
+        contents: dict[str, bytes] = {}
         program_dir = where if kind == DIR else posixpath.dirname(where)
         if kind is None:
             diags.append(error("F212", f"`{where or '.'}` does not exist in {label}", None))
@@ -408,21 +413,22 @@ class Compiler:
             names = [where]
         for p in names if kind is not None else ():
             try:
-                files.append((p, p, tree.read(p)))
+                contents[p] = tree.read(p)
             except OSError as e:
                 diags.append(error("F212", f"cannot read `{p}`: {e.strerror}", None))
         images = _TreeImages(tree, f"{program_dir}/images" if program_dir else "images")
         with _no_gc():
-            return self._compile(tree, files, program_dir, [images, *_search_dirs(self.extra_images)], _same,
-                                 diags)
+            return self._compile(tree, contents, {p: p for p in contents}, program_dir,
+                                 [images, *_search_dirs(self.extra_images)], _same, diags)
 
-    def _compile(self, tree: Tree, files: list[tuple[str, str, bytes]], program_dir: str, image_folders: list,
-                 name_of: Callable[[str], str], diags: list[Diagnostic]) -> Compilation:
-        """`files` are (tree path, name in diagnostics, content); `name_of` names the files imports add."""
+    def _compile(self, tree: Tree, contents: dict[str, bytes], paths: dict[str, str], program_dir: str,
+                 image_folders: list, name_of: Callable[[str], str], diags: list[Diagnostic]) -> Compilation:
+        """`contents` and `paths` map each file's name in diagnostics to its content and its tree path;
+        `name_of` names the files that imports add."""
         sources = SourceSet()
         entries: dict[str, _Entry] = {}
-        paths = {name: p for p, name, _ in files}
-        batch = [(name, data) for _, name, data in files]
+        paths = dict(paths)
+        batch = list(contents.items())
         while batch:  # the files given, then what they import, then what those import...
             new = self._entries(batch, sources)
             entries.update(new)

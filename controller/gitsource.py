@@ -34,6 +34,7 @@ import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import git
 from git.objects.fun import tree_entries_from_data
@@ -58,15 +59,12 @@ _USERINFO = re.compile(r"(//)[^/@]+@")
 _NO_PROMPT = {"GIT_TERMINAL_PROMPT": "0", "GCM_INTERACTIVE": "never", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
 
 
-class GitErrorKind(str, enum.Enum):
-    UNREACHABLE = "unreachable"
-    CORRUPT = "corrupt"
+class GitErrorKind(enum.StrEnum):
+    UNREACHABLE = "unreachable"  # the remote cannot be fetched (network, authentication, no such repository)
+    CORRUPT = "corrupt"  # an object is missing or damaged
     NO_BRANCH = "no-branch"
     UNKNOWN_REVISION = "unknown-revision"
-    NOT_A_REPOSITORY = "not-a-repository"
-
-    def __str__(self) -> str:
-        return self.value
+    NOT_A_REPOSITORY = "not-a-repository"  # the folder is not (or no longer) a repository git will open
 
 
 class GitError(Exception):
@@ -173,9 +171,13 @@ def _repo_name(repo: str, remote: bool) -> str:
 
 
 def _first_line(text: str) -> str:
+    """The line of git's stderr that says what went wrong: its first `fatal:` or `error:`, unless that is the
+    generic word of the transport, when the line before it (ssh's own) says more."""
     lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-    fatal = [ln for ln in lines if ln.startswith(("fatal:", "error:"))]
-    line = (fatal or lines or ["no output"])[0]
+    at = next((i for i, ln in enumerate(lines) if ln.startswith(("fatal:", "error:"))), 0)
+    if at > 0 and "Could not read from remote repository" in lines[at]:
+        at -= 1
+    line = lines[at] if lines else "no output"
     return redact(line.removeprefix("fatal: ").removeprefix("error: "))
 
 
@@ -272,14 +274,15 @@ class GitSource:
         self.branch = _check_branch(branch)
         self.path = _program_path(path)
         self.local = not is_remote(self.repo)
+        # The repository read: the local one itself, or the mirror of a remote.
         if self.local:
-            self.git_dir_hint = Path(self.repo).expanduser()
+            self.folder = Path(self.repo).expanduser()
         else:
             if cache_dir is None:
                 raise ValueError(f"a remote repository ({redact(self.repo)}) needs a cache folder for its mirror")
             digest = hashlib.sha256(self.repo.encode("utf-8", "surrogateescape")).hexdigest()[:16]
             slug = re.sub(r"[^A-Za-z0-9._-]", "_", _repo_name(self.repo, True))[:40]
-            self.git_dir_hint = Path(cache_dir) / f"{slug}-{digest}.git"
+            self.folder = Path(cache_dir) / f"{slug}-{digest}.git"
         # The ownership "program" name: the folder `vmflow apply <checkout>/<path>` would be given.
         self.program_name = posixpath.basename(self.path) or _repo_name(self.repo, not self.local)
         self.object_reads = 0  # objects read from the repository; cache hits do not count
@@ -288,11 +291,14 @@ class GitSource:
         self._blobs = _Lru(BLOB_CACHE_BYTES, len)
         self._trees = _Lru(TREE_CACHE_ENTRIES)
         self._commits = _Lru(COMMIT_CACHE_ENTRIES)  # commit sha -> its tree's id
+        # A damaged mirror is ours to replace: the next fetch makes it again from the remote.
+        self._remake_mirror = False
+        self._watched: Path | None = None  # the git folder `watch_paths` named
 
     def __repr__(self) -> str:
         return f"GitSource({redact(self.repo)!r}, branch={self.branch!r}, path={self.path!r})"
 
-    def __enter__(self) -> GitSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -312,11 +318,12 @@ class GitSource:
 
     def _open(self) -> git.Repo:
         if self._repo is None:
-            if not self.local and not self.git_dir_hint.exists():
+            if not self.local and not self.folder.exists():
                 self.fetch()
             try:
-                self._repo = git.Repo(self.git_dir_hint)
+                self._repo = git.Repo(self.folder)
             except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+                self._remake_mirror = not self.local
                 raise GitError(f"`{self._where()}` is not a git repository", GitErrorKind.NOT_A_REPOSITORY,
                                True) from None
             except (OSError, ValueError, git.GitError) as exc:
@@ -346,7 +353,10 @@ class GitSource:
             self._repo.git.clear_cache()  # a wedged `cat-file` would poison every later read
         text = exc if isinstance(exc, str) else (getattr(exc, "stderr", None) or str(exc))
         reason = _first_line(str(text))
-        if not self.git_dir_hint.exists():
+        if not self.local:
+            self._remake_mirror = True
+            reason += "; the next fetch makes the mirror again"
+        if not self.folder.exists():
             return GitError(f"`{self._where()}` no longer exists", GitErrorKind.NOT_A_REPOSITORY, True)
         if "not a git repository" in reason or "dubious ownership" in reason:
             return GitError(f"`{self._where()}` is not a git repository: {reason}", GitErrorKind.NOT_A_REPOSITORY,
@@ -421,7 +431,18 @@ class GitSource:
         if self.local:
             return
         with self._lock:
-            mirror = self.git_dir_hint
+            mirror = self.folder
+            if self._remake_mirror and mirror.exists():
+                self.close()
+                try:
+                    # Renamed first, so that a half-removed mirror is never opened as if it were whole.
+                    doomed = Path(tempfile.mkdtemp(prefix=f".{mirror.name}.old.", dir=mirror.parent))
+                    os.rename(mirror, doomed / "mirror")
+                except OSError as exc:
+                    raise GitError(f"cannot replace the damaged mirror `{mirror}`: {exc}", GitErrorKind.CORRUPT,
+                                   True) from None
+                shutil.rmtree(doomed, ignore_errors=True)
+            self._remake_mirror = False
             if not mirror.exists():
                 self._create_mirror(mirror)
             status, _, err = self._run("fetch", "--prune", "--force", "--quiet", "origin", timeout=timeout,
@@ -559,7 +580,7 @@ class GitSource:
             imported = 0
             if keys:
                 run = subprocess.run([gpg, "--homedir", home, "--batch", "--no-tty", "--status-fd", "1", "--import",
-                                      *map(str, keys)], capture_output=True, text=True, timeout=60)
+                                      *map(str, keys)], capture_output=True, text=True, timeout=60, check=False)
                 imported = run.stdout.count("[GNUPG:] IMPORT_OK")
             if not imported:
                 return False, f"no trusted keys in {trusted_keys}"
@@ -587,14 +608,15 @@ class GitSource:
         """
         if not self.local:
             return []
-        repo = self._open()
-        return [Path(repo.common_dir).resolve()]
+        self._watched = Path(self._open().common_dir).resolve()
+        return [self._watched]
 
     def watch_filter(self, change: object, path: str) -> bool:
-        """For watchfiles' `watch_filter`: True for a change that may have moved a branch."""
-        if not self.local or self._repo is None:
+        """For watchfiles' `watch_filter` over `watch_paths()`: True for a change that may have moved a branch
+        (not for the objects, logs and index that a commit also writes)."""
+        if self._watched is None:
             return True
-        rel = os.path.relpath(path, Path(self._repo.common_dir).resolve()).replace(os.sep, "/")
+        rel = os.path.relpath(path, self._watched).replace(os.sep, "/")
         return rel in ("HEAD", "packed-refs", "refs/heads") or rel.startswith(("refs/heads/", "reftable/",
                                                                                "packed-refs."))
 

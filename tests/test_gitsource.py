@@ -62,7 +62,7 @@ def isolated(tmp_path, monkeypatch):
 
 def git(cwd: Path, *args: str, env: dict | None = None) -> str:
     run = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, **(env or {})})
+                         env={**os.environ, **(env or {})}, check=False)
     assert run.returncode == 0, f"git {' '.join(args)}: {run.stderr}"
     return run.stdout.strip()
 
@@ -140,23 +140,24 @@ def test_imports_across_folders_follow_the_revision(repo):
     first = repo.commit(web_program(), "with pools")
     gone = repo.commit({"shared/pools.flow": None, "shared/other.flow": POOLS}, "pools renamed")
     nothing = repo.commit({"shared/other.flow": None, "shared/keep.txt": "x"}, "pools removed")
-    source = GitSource(str(repo.path), path="apps/web")
-    compiler = Compiler()
-    assert source.compile(compiler, first).ok
-    moved = source.compile(compiler, gone)
-    assert moved.ok and moved.files == ["apps/web/main.flow", "shared/other.flow"]
-    missing = source.compile(compiler, nothing)
-    assert "F201" in codes(missing)  # the folder is there but holds no pools: `rack1` is unknown
-    source.close()
+    with GitSource(str(repo.path), path="apps/web") as source:
+        compiler = Compiler()
+        assert source.compile(compiler, first).ok
+        moved = source.compile(compiler, gone)
+        assert moved.ok and moved.files == ["apps/web/main.flow", "shared/other.flow"]
+        missing = source.compile(compiler, nothing)
+        assert codes(missing) == ["F201"]  # the folder is there but holds no pools: `rack1` is unknown
 
 
 def test_import_outside_the_repository(repo):
-    sha = repo.commit({"apps/web/main.flow": 'import "../../../elsewhere"\n' + WEB.split("\n", 1)[1].replace(
-        "{bound}", "8"), "shared/pools.flow": POOLS})
+    program = web_program()
+    program["apps/web/main.flow"] = program["apps/web/main.flow"].replace("../../shared", "../../../elsewhere")
+    sha = repo.commit(program)
     with GitSource(str(repo.path), path="apps/web") as source:
         comp = source.compile(Compiler(), sha)
-    [d] = [d for d in comp.diagnostics if d.code == "F212"]
-    assert d.span.file == "apps/web/main.flow"
+    [d] = comp.diagnostics
+    assert d.code == "F212" and d.span.file == "apps/web/main.flow"
+    assert comp.sources[d.span.file].line_col(d.span.start) == (1, 8)
     assert d.message == f"import `../../../elsewhere` points outside the repository at revision {sha[:7]}"
 
 
@@ -283,6 +284,26 @@ def test_a_remote_is_mirrored_and_fetched(tmp_path):
     assert GitSource(f"file://{origin.path}", cache_dir=cache).program_name == "platform"
 
 
+def test_a_damaged_mirror_is_made_again_by_the_next_fetch(tmp_path):
+    origin = Repo(tmp_path / "origin")
+    sha = origin.commit(web_program(), "first")
+    blob = git(origin.path, "rev-parse", f"{sha}:apps/web/main.flow")
+    with GitSource(f"file://{origin.path}", path="apps/web", cache_dir=tmp_path / "cache") as source:
+        source.fetch()
+        [mirror] = (tmp_path / "cache").iterdir()
+        # A small fetch leaves loose objects; damage one of them.
+        loose = mirror / "objects" / blob[:2] / blob[2:]
+        assert loose.is_file()
+        loose.unlink()
+        with pytest.raises(GitError) as caught:
+            source.compile(Compiler(), sha)
+        assert caught.value.kind == "corrupt" and caught.value.temporary
+        assert "next fetch" in str(caught.value)
+        source.fetch()
+        assert source.compile(Compiler(), sha).ok
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == [mirror.name]
+
+
 @pytest.mark.parametrize("url", ["file:///nonexistent/vmflow-test.git", "http://127.0.0.1:9/infra.git"])
 def test_an_unreachable_remote(url, tmp_path):
     source = GitSource(url, cache_dir=tmp_path / "cache")
@@ -402,7 +423,7 @@ def gnupg():
         return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
 
     yield env, make_key
-    subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True)
+    subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True, check=False)
     shutil.rmtree(home, ignore_errors=True)
 
 
