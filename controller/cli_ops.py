@@ -386,7 +386,7 @@ def rollback_cmd(rev: str, state_dir: Path, program: str | None, lock_timeout: f
     controller keeps applying REV (and self-heals towards it) instead of the branch head, until a new
     commit arrives on the branch; that commit lifts the pin and is applied as usual. So a rollback is
     never silently undone by automatic apply, and fixing forward needs no extra command.
-    `vmflow rollback --clear` (REV `-`) lifts the pin at once.
+    `vmflow rollback -` lifts the pin at once.
 
     \b
     Examples:
