@@ -75,6 +75,11 @@ def test_a_commit_that_changes_cpu_is_applied_and_status_says_synced(setup):
     assert rec.reconcile_once().result == "noop"
     history = rec.store.history("web")
     assert [h.revision for h in history] == [second, first]
+    doc = json.loads(vmflow("status", "--state-dir", str(state), "--format", "json").stdout)
+    assert doc["format_version"] == 1 and doc["programs"]["web"]["revisions"]["last_applied"] == second
+    assert [e["outcome"] for e in doc["events"]["web"]][:2] == ["applied", "applying"]
+    listed = vmflow("history", "--state-dir", str(state))
+    assert listed.returncode == 0 and f"{second[:12]}" in listed.stdout and "update-live vm.web" in listed.stdout
     assert history[0].summary["changes"][0] == {"address": "vm.web", "action": "update-live", "result": "applied",
                                                 "seconds": history[0].summary["changes"][0]["seconds"],
                                                 "detail": None}
