@@ -12,7 +12,10 @@ Every change is checked before the first mutation. Then, change by change:
 
 "Verify" re-observes the VM (vCPUs, memory, disks, NICs, running) and runs its declared health check
 (`agent`, `port(N)`, `app("x") running`) through the guest agent; on libvirt's test driver, which has no
-guest, health is "running". Disk files come from the image repository (controller/images_repo.py).
+guest, health is "running". With a `stability` window (the run-time morphs use one; repository applies do
+not, unless asked), the health check is then run again every `stability_interval` seconds until the window
+has passed, and a failure inside it counts as a failed verification. Disk files come from the image
+repository (controller/images_repo.py).
 
 A failed step or verification reverts the VM to its snapshot (a create is undefined), re-verifies, and
 reports "rolled back"; the apply goes on with the other VMs and always returns the partial result. A run
@@ -131,7 +134,8 @@ class Applier:
     def __init__(self, hv: Hypervisor, store: Store, *, revision: str | None = None, keep_snapshots: int = 3,
                  progress: Callable[[str], None] = lambda _m: None, saved: Callable[[], None] = lambda: None,
                  images: ImageRepo | None = None, health: dict[str, tuple[str, object]] | None = None,
-                 health_timeout: float = 20.0, parallelism: int = 1) -> None:
+                 health_timeout: float = 20.0, parallelism: int = 1, stability: float = 0.0,
+                 stability_interval: float = 5.0, sleep: Callable[[float], None] = time.sleep) -> None:
         self.hv = hv
         # Independent VMs are changed this many at a time (QEMU start-up dominates a create); deletes run
         # last, one by one. Journal writes and state saves are serialised by the locks below.
@@ -140,6 +144,12 @@ class Applier:
         self.images = images  # None: no disk files are made (the XML names paths nothing reads)
         self.health = health or {}  # vm name -> (kind, arg) of its declared health check
         self.health_timeout = health_timeout
+        # After the first verification, the health check runs again every `stability_interval` seconds for
+        # `stability` seconds: a change that breaks the VM a little later is rolled back like one that fails
+        # at once. `sleep` waits between checks (a simulation passes one that only moves its clock).
+        self.stability = max(0.0, stability)
+        self.stability_interval = max(0.1, stability_interval)
+        self._sleep = sleep
         self.store = store
         self.revision = revision
         self.keep = keep_snapshots
@@ -189,12 +199,16 @@ class Applier:
             self.hv.start(name)
 
     # -- apply
-    def apply(self, plan: Plan, program: str) -> ApplyResult:
+    def apply(self, plan: Plan, program: str, *, recover: bool = True, note: dict | None = None) -> ApplyResult:
+        """Apply every change of `plan`. `recover` first settles what a killed run left in the journal; a
+        caller that runs several appliers at once (the run-time morphs) recovers once itself, since one
+        applier's recovery would roll back another's change in flight. `note` is added to the history's
+        summary (what the apply was for)."""
         if not plan.applyable:
             raise ApplyRefused("; ".join(f"{p.address}: {p.message}" for p in plan.problems))
         self._precheck(plan)
         apply_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuidlib.uuid4().hex[:6]
-        result = ApplyResult(apply_id, recovered=self.recover())
+        result = ApplyResult(apply_id, recovered=self.recover() if recover else [])
         self.store.begin_apply(apply_id, program, self.revision)
         order = sorted(plan.actionable, key=lambda c: (c.action is Action.DELETE, c.address))
         first = [c for c in order if c.action is not Action.DELETE]
@@ -206,6 +220,7 @@ class Applier:
             result.outcomes.extend(self._run(c, apply_id) for c in first)
         result.outcomes.extend(self._run(c, apply_id) for c in deletes)
         self.store.end_apply(apply_id, "ok" if result.ok else "partial", {
+            **(note or {}),
             "counts": result.counts(),
             "changes": [{"address": o.address, "action": o.action.value, "result": o.result,
                          "seconds": round(o.seconds, 3), "detail": o.detail} for o in result.outcomes]})
@@ -276,6 +291,23 @@ class Applier:
 
     def _verify(self, want: VmState) -> None:
         _verify(self.hv, want, self.health.get(want.name), self.health_timeout)
+        self._stable(want)
+
+    def _stable(self, want: VmState) -> None:
+        """The stability window: the health check again every `stability_interval` seconds until
+        `stability` seconds have passed (counted in the intervals slept, so a simulated sleep makes a
+        simulated window). Asked to stop, the window ends early: the change was verified once and is kept."""
+        kind, arg = self.health.get(want.name) or (None, None)
+        left = self.stability
+        while left > 1e-9 and not self.stopping.is_set():
+            step = min(self.stability_interval, left)
+            self._sleep(step)
+            left -= step
+            # One try per check: the guest was healthy a moment ago, so the agent answers or something broke.
+            sick = self.hv.health(want.name, kind, arg, boot_timeout=self.health_timeout, check_timeout=0)
+            if sick:
+                raise VerifyError(f"`{want.name}` became unhealthy {self.stability - left:.0f}s after the change: "
+                                  f"{sick}")
 
     def _live(self, name: str, before: VmState, want: VmState) -> None:
         """vCPUs, memory and devices on the running VM and in its config (the config alone when stopped)."""

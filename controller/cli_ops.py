@@ -23,7 +23,8 @@ from controller.cli import EXIT_ERROR, EXIT_OK, _colour, _no_color_option  # noq
 _CONFIG_KEYS = {"repo", "branch", "path", "libvirt", "state_dir", "listen", "once", "poll", "resync", "self_heal",
                 "prune", "allow_mass_delete", "verify_signatures", "trusted_keys", "allow_unrelated_history",
                 "token", "webhook_secret", "log_format", "log_level", "image_root", "keep_snapshots",
-                "parallelism", "watch"}
+                "parallelism", "watch", "monitor_interval", "stability", "max_morphs_per_hour",
+                "morph_concurrency", "notify_url"}
 
 
 def _read_config(ctx: click.Context, _param, value: Path | None):
@@ -106,13 +107,31 @@ def _state_dir_option(f):
 @click.option("--keep-snapshots", type=click.IntRange(1, 100), default=3, show_default=True)
 @click.option("--parallelism", type=click.IntRange(1, 64), default=None,
               help="VMs changed at a time (default: 4 on a real hypervisor, 1 on the embedded default).")
+@click.option("--monitor-interval", type=click.FloatRange(0), default=None,
+              envvar="VMFLOW_MONITOR_INTERVAL", metavar="SECONDS",
+              help="Seconds between samples of every VM, after which the morph rules are evaluated; 0 turns "
+                   "monitoring and morphs off. Default: 10 on a real hypervisor, off on the embedded default, "
+                   "whose test driver has no real resource counters (`vmflow simulate` replays traces instead).")
+@click.option("--stability", type=click.FloatRange(0), default=30.0, show_default=True, envvar="VMFLOW_STABILITY",
+              metavar="SECONDS",
+              help="Seconds a morphed VM must stay healthy after the change; a failed health check within them "
+                   "rolls the morph back to its snapshot.")
+@click.option("--max-morphs-per-hour", type=click.IntRange(1), default=6, show_default=True,
+              envvar="VMFLOW_MAX_MORPHS_PER_HOUR", metavar="N",
+              help="Fires and reverts of one VM in any hour; more are held back (skipped-rate).")
+@click.option("--morph-concurrency", type=click.IntRange(1), default=4, show_default=True,
+              envvar="VMFLOW_MORPH_CONCURRENCY", metavar="N", help="VMs of the program being morphed at once.")
+@click.option("--notify-url", envvar="VMFLOW_NOTIFY_URL", metavar="URL",
+              help="POST a small JSON document here for every failed or rolled-back morph and every failed "
+                   "reconcile (5 s timeout; a failure is logged, never fatal).")
 @click.option("--log-format", type=click.Choice(("text", "json")), default="text", show_default=True,
               envvar="VMFLOW_LOG_FORMAT")
 @click.option("--log-level", type=click.Choice(("debug", "info", "warning", "error")), default="info",
               show_default=True, envvar="VMFLOW_LOG_LEVEL")
 def controller_cmd(repo, branch, subpath, libvirt_uri, state_dir, listen, once, poll, resync, no_watch, self_heal,
                    prune, allow_mass_delete, verify_signatures, trusted_keys, allow_unrelated_history, token,
-                   webhook_secret, image_root, keep_snapshots, parallelism, log_format, log_level) -> None:
+                   webhook_secret, image_root, keep_snapshots, parallelism, monitor_interval, stability,
+                   max_morphs_per_hour, morph_concurrency, notify_url, log_format, log_level) -> None:
     """Watch a git repository and keep the VMs in step with its branch.
 
     Each new commit is compiled straight from git (no checkout), planned against libvirt and applied with
@@ -120,6 +139,10 @@ def controller_cmd(repo, branch, subpath, libvirt_uri, state_dir, listen, once, 
     and the program Stalled; a failed apply is not retried in a loop. Drift is reported, and reverted
     with --self-heal. Status and history are in the state directory's database: `vmflow status`,
     `vmflow history`. `vmflow rollback REV` pins an older revision until the next commit.
+
+    Between reconciles every VM is sampled each --monitor-interval seconds and the morph rules of the
+    applied revision act on the samples: each morph is snapshotted, applied, verified and watched for
+    --stability seconds, and rolled back if the VM turns unhealthy. Morphs are events in `vmflow status`.
 
     \b
     Examples:
@@ -133,6 +156,7 @@ def controller_cmd(repo, branch, subpath, libvirt_uri, state_dir, listen, once, 
     """
     from controller.gitsource import GitError
     from controller.reconcile import Settings
+    from controller.rules import Limits
     from controller.service import Config, Controller, setup_logging
 
     setup_logging(log_format, log_level)
@@ -144,7 +168,10 @@ def controller_cmd(repo, branch, subpath, libvirt_uri, state_dir, listen, once, 
                         parallelism=parallelism, image_root=image_root)
     cfg = Config(repo=repo, branch=branch, path=subpath, libvirt=libvirt_uri, state_dir=state_dir,
                  listen=None if once or listen in ("", "off", "none") else listen, poll=poll, resync=resync,
-                 token=token, webhook_secret=webhook_secret, watch=not no_watch, settings=settings)
+                 token=token, webhook_secret=webhook_secret, watch=not no_watch, settings=settings,
+                 monitor_interval=monitor_interval, stability=stability,
+                 limits=Limits(max_morphs_per_vm_per_hour=max_morphs_per_hour, fleet_concurrency=morph_concurrency),
+                 notify_url=notify_url or None)
     if cfg.listen and ":" not in cfg.listen:
         raise click.UsageError(f"--listen wants HOST:PORT, not `{cfg.listen}`")
     try:

@@ -37,18 +37,29 @@ def ownership_xml(owner: Ownership) -> ET.Element:
     ET.SubElement(rec, f"{_NS}base").text = json.dumps(owner.base, sort_keys=True)
     ET.SubElement(rec, f"{_NS}morphs").text = ",".join(owner.morphs)
     ET.SubElement(rec, f"{_NS}nics").text = ",".join(owner.nics)
+    if owner.current:
+        ET.SubElement(rec, f"{_NS}current").text = json.dumps(owner.current, sort_keys=True)
     return rec
 
 
 def applied_owner(vm: VmState) -> Ownership:
-    """The ownership record for a VM as it is being applied: its base is the spec being applied."""
+    """The ownership record for a VM as it is being applied.
+
+    Applying the program (no morphs in the record) writes the state being applied as the new base. Applying
+    a morph's target (its record names morphs in effect) keeps the recorded base: a morph never moves it,
+    which is how the planner tells a morph from a change of the program. Either way `current` records what
+    libvirt cannot tell back: the image the domain boots and each data disk's size."""
     owner = vm.owner or Ownership("", f"vm.{vm.name}", None)
-    # The base as applied: drift is measured against it, and morphs are deviations from it.
-    base = dict(owner.base, image=vm.image, pool=vm.pool, disk_sizes={d.name: d.size_kib for d in vm.disks},
-                **{"cpu": vm.vcpus, "cpu.bound": vm.max_vcpus, "memory": vm.memory_kib,
-                   "memory.bound": vm.max_memory_kib})
+    sizes = {d.name: d.size_kib for d in vm.disks}
+    if owner.morphs and owner.base:
+        base = dict(owner.base)
+    else:
+        # The base as applied: drift is measured against it, and morphs are deviations from it.
+        base = dict(owner.base, image=vm.image, pool=vm.pool, disk_sizes=sizes,
+                    **{"cpu": vm.vcpus, "cpu.bound": vm.max_vcpus, "memory": vm.memory_kib,
+                       "memory.bound": vm.max_memory_kib})
     return Ownership(owner.program, owner.address, owner.revision, base, owner.morphs,
-                     tuple(n.name for n in vm.nics))
+                     tuple(n.name for n in vm.nics), {"image": vm.image, "disk_sizes": sizes})
 
 
 def ownership_metadata(vm: VmState) -> str:
@@ -68,13 +79,16 @@ def _ownership(root: ET.Element) -> Ownership | None:
         el = rec.find(f"{_NS}{tag}")
         return el.text if el is not None else None
 
-    try:
-        base = json.loads(text("base") or "{}")
-    except ValueError:
-        base = {}
+    def doc(tag: str) -> dict:
+        try:
+            value = json.loads(text(tag) or "{}")
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
     split = lambda s: tuple(x for x in (s or "").split(",") if x)  # noqa: E731
-    return Ownership(text("program") or "", text("address") or "", text("revision"), base,
-                     split(text("morphs")), split(text("nics")))
+    return Ownership(text("program") or "", text("address") or "", text("revision"), doc("base"),
+                     split(text("morphs")), split(text("nics")), doc("current"))
 
 
 def parse(xml: str, snapshots: tuple[str, ...] = (), running: bool = False) -> VmState | Unmanaged:
@@ -85,6 +99,9 @@ def parse(xml: str, snapshots: tuple[str, ...] = (), running: bool = False) -> V
     owner = _ownership(root)
     if owner is None:
         return Unmanaged(name, uuid, running)
+    # The image booted and the data disks' sizes: as recorded when last applied (a record written before
+    # `current` existed has only the base).
+    booted = owner.current.get("image") or owner.base.get("image", "")
     vcpu = root.find("vcpu")
     max_vcpus = int((vcpu.text or "1").strip()) if vcpu is not None else 1
     vcpus = int(vcpu.get("current", max_vcpus)) if vcpu is not None else 1
@@ -99,8 +116,8 @@ def parse(xml: str, snapshots: tuple[str, ...] = (), running: bool = False) -> V
         source = None if src is None else (src.get("file") or src.get("volume") or src.get("dev"))
         target = d.find("target")
         drv = d.find("driver")
-        if serial == "vmflow-boot":
-            image = owner.base.get("image", "")
+        if serial == BOOT_SERIAL:
+            image = booted
             continue
         disks.append(DiskState(serial or (target.get("dev") if target is not None else ""), 0, source,
                                target.get("dev") if target is not None else None,
@@ -118,9 +135,9 @@ def parse(xml: str, snapshots: tuple[str, ...] = (), running: bool = False) -> V
                              model.get("type") if model is not None else "virtio",
                              mac.get("address") if mac is not None else None,
                              link is None or link.get("state", "up") == "up"))
-    sizes = owner.base.get("disk_sizes", {})
+    sizes = {**(owner.base.get("disk_sizes") or {}), **(owner.current.get("disk_sizes") or {})}
     disks = [DiskState(d.name, int(sizes.get(d.name, 0)), d.source, d.target, d.fmt) for d in disks]
-    return VmState(name=name, image=image or owner.base.get("image", ""), vcpus=vcpus, max_vcpus=max_vcpus,
+    return VmState(name=name, image=image or booted, vcpus=vcpus, max_vcpus=max_vcpus,
                    memory_kib=mem, max_memory_kib=max_mem, disks=tuple(disks), nics=tuple(nics),
                    running=running, uuid=uuid, owner=owner, snapshots=snapshots,
                    pool=owner.base.get("pool"))

@@ -46,6 +46,9 @@ class Ownership:
     base: dict = field(default_factory=dict, hash=False, compare=False)  # the base spec, as applied
     morphs: tuple[str, ...] = ()  # active morphs (runtime deviations the repository allows)
     nics: tuple[str, ...] = ()  # NIC names in device order
+    # What the domain runs now, where libvirt cannot tell: the image booted and each data disk's size. It
+    # differs from `base` only while morphs are in effect (an OS swap, a disk a morph attached).
+    current: dict = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
+from compiler.program import Compiler
 from controller import domain_xml
-from controller.state import DiskState, NicState, Ownership, Unmanaged, VmState
+from controller.morph import apply_morph, revert_morph
+from controller.plan import Action, Reason, plan
+from controller.state import ActualState, DiskState, NicState, Ownership, Unmanaged, VmState, desired_state
 
 # What `virt-install` and libvirt's live XML look like: graphics, channels, controllers, cputune, several
 # disks, a CD-ROM, several NICs, security labels, aliases and PCI addresses.
@@ -208,3 +215,93 @@ def test_update_keeps_uuid_macs_and_data_disks():
     assert domain_xml.find_disk(new, "vmflow-boot") and "db-boot-2.qcow2" in domain_xml.find_disk(new, "vmflow-boot")
     assert root.findtext("os/kernel") == "/img/k2" and root.find("os/initrd") is None
     assert root.find("devices/graphics") is not None and root.find("cputune") is not None
+
+
+# ------------------------------------------------------------------------------------------ morphed VMs
+
+MORPHS_FLOW = """
+vm web {
+  image  = linux-base
+  cpu    = 2 .. 8
+  memory = 4GiB .. 16GiB
+  disk data { size = 20GiB }
+  nic lan { network = "default" }
+  nic wan { network = "public" }
+
+  morph grow when cpu > 80% for 5m { cpu += 2 max 6 cooldown 10m }
+  morph more when memory > 90% for 2m { memory += 8GiB cooldown 10m }
+  morph scratch when disk.read > 50MB/s for 10m {
+    attach disk scratch { size = 100GiB }
+    detach disk data
+    cooldown 1h
+  }
+  morph bigger when memory > 95% for 2m { swap image linux-base-large cooldown 1h }
+  morph isolate when net.rx > 100MB/s for 5m {
+    nic lan { network = "quarantine" }
+    nic backup { bridge = "br0" }
+    detach nic wan
+    cooldown 30m
+  }
+}
+"""
+
+
+def _morph_spec():
+    comp = Compiler().compile_files({"web.flow": MORPHS_FLOW.encode()}, Path("."), Path("."))
+    assert comp.ok, [d.message for d in comp.diagnostics]
+    return comp.program.vms["web"]
+
+
+def _through_libvirt(vm: VmState, domain_type: str) -> VmState:
+    """What observing the domain gives back after vmflow defined it: render, then parse."""
+    # A real domain's interfaces have MACs: libvirt makes one for a NIC that has none.
+    nics = tuple(replace(n, mac=n.mac or f"52:54:00:00:01:{i:02x}") for i, n in enumerate(vm.nics))
+    xml = domain_xml.render(replace(vm, nics=nics), domain_type=domain_type,
+                            boot_disk=f"/s/disks/{vm.name}-boot-{vm.image}.qcow2" if domain_type == "qemu" else None)
+    back = domain_xml.parse(xml, running=True)
+    assert isinstance(back, VmState)
+    return back
+
+
+
+@pytest.mark.parametrize("domain_type", ["test", "qemu"])
+@pytest.mark.parametrize("morph", ["grow", "more", "scratch", "bigger", "isolate"])
+def test_a_morphed_vm_round_trips_through_libvirt(morph: str, domain_type: str):
+    """Every morph kind: the target, defined and observed again, is what the planner calls `morphed`; the
+    revert, defined and observed again, leaves nothing to plan. The base stays the one applied, the image is
+    the one booted, and a disk the morph attached keeps its size."""
+    spec = _morph_spec()
+    m = next(x for x in spec.morphs if x.name == morph)
+    want = desired_state(spec, "prog")
+    applied = _through_libvirt(want, domain_type)
+    base = dict(applied.owner.base)
+    assert base["cpu"] == 2 and base["image"] == "linux-base"
+
+    fired = apply_morph(applied, spec, m)
+    assert fired.changed
+    seen = _through_libvirt(fired.target, domain_type)
+    assert seen.owner.base == base, "a morph never moves the recorded base"
+    assert seen.owner.morphs == fired.target.owner.morphs
+    assert (seen.image, seen.vcpus, seen.memory_kib) == (fired.target.image, fired.target.vcpus,
+                                                         fired.target.memory_kib)
+    assert {d.name: d.size_kib for d in seen.disks} == {d.name: d.size_kib for d in fired.target.disks}
+    assert {n.name: (n.network, n.bridge) for n in seen.nics} == \
+           {n.name: (n.network, n.bridge) for n in fired.target.nics}
+    p = plan({"web": want}, ActualState({"web": seen}))
+    (change,) = p.changes
+    assert (change.action, change.reasons) == (Action.NOOP, (Reason.MORPHED,))
+    assert not p.drift
+
+    back = revert_morph(seen, spec, m)
+    assert back.changed and back.target.owner.morphs == ()
+    again = _through_libvirt(back.target, domain_type)
+    assert again.owner.morphs == () and again.owner.base == base
+    (change,) = plan({"web": want}, ActualState({"web": again})).changes
+    assert (change.action, change.reasons) == (Action.NOOP, ())
+
+
+def test_a_record_without_current_reads_the_base():
+    """Domains applied before the record held `current` are observed as before: the base image and sizes."""
+    xml = DOMAIN.format(owner=OWNER, devices=DEVICES.format(boot_serial="vmflow-boot"))
+    vm = domain_xml.parse(xml)
+    assert vm.owner.current == {} and vm.image == "debian-12" and vm.disks[0].size_kib == 1048576

@@ -1,0 +1,339 @@
+"""Run-time morphs on a real QEMU (`qemu:///system`, TCG) with the tiny guest, driven by real load.
+
+One VM with four morph rules, and the morph loop (controller/runtime.py) stepped in real time every 5 s with
+the real monitor (libvirt's bulk statistics, the guest agent for `app(...)`): memory pressure made in the
+guest fires `memory += 128MiB` and the guest's MemTotal grows; a morph after which the VM's health check
+fails inside the stability window is rolled back to its snapshot; an OS swap runs in a worker while the VM
+is busy and boots the new image with the same UUID; a busy loop crosses `cpu > 80% for 30s` and the vCPU
+the morph adds comes online in the guest. After each applied morph the program's plan is a no-op with the
+reason `morphed`. Each test builds on the previous one (a TCG guest costs seconds to boot).
+
+Needs libvirtd and the guest (scripts/setup-libvirt.sh, scripts/build-guest.sh /var/lib/vmflow-guest; `make
+test` runs both as root). Without them the tests are skipped, and under `CI=true` they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_DIR = Path(os.environ.get("VMFLOW_GUEST_DIR") or "/var/lib/vmflow-guest")
+URI = "qemu:///system"
+CMDLINE = "console=ttyS0 panic=-1 memhp_default_state=online_movable quiet"
+INTERVAL = 5.0  # seconds between rounds of the morph loop
+STABILITY = 10.0  # seconds a morphed VM must stay healthy
+
+IMAGE = """\
+id: {id}
+os: vmflow-tiny
+source: {{path: root.qcow2}}
+boot: {{kernel: vmlinuz, initrd: initrd.gz, cmdline: "{cmdline}"}}
+resources:
+  cpu: {{min: 1, max: 4}}
+  memory: {{min: 64MiB, max: 512MiB}}
+capabilities: [cpu_hotplug, memory_balloon, disk_hotplug, nic_hotplug, guest_agent]
+roles: [general]
+"""
+
+PROGRAM = """\
+vm {name} {{
+  image  = tiny
+  cpu    = 1 .. 4
+  memory = 192MiB .. 384MiB
+  health = app("nginx") running
+
+  morph grow when cpu > 80% for 30s {{
+    cpu += 1 max 2
+    cooldown 10m
+  }}
+  morph more when memory > 70% for 10s {{
+    memory += 128MiB
+    cooldown 10m
+  }}
+  morph probe when app("probe") running {{
+    memory += 64MiB
+    cooldown 10m
+  }}
+  morph swap when app("swapme") running {{
+    swap image tiny-b
+    cooldown 10m
+  }}
+}}
+"""
+
+# A process the rules can see by name (`pidof`), started detached so guest-exec returns at once.
+START = ("printf '#!/bin/sh\\nwhile :; do sleep 1; done\\n' >/tmp/{name} && chmod +x /tmp/{name} && "
+         "setsid /tmp/{name} </dev/null >/dev/null 2>&1 &")
+KILL = "for p in $(pidof {name}); do kill $p; done; true"
+
+TIMINGS: list[tuple[str, float]] = []
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"the QEMU integration tests cannot run under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def qemu():
+    """Checks libvirtd and the guest (building it when missing and root)."""
+    from controller.hypervisor import Hypervisor, HypervisorError
+
+    try:
+        hv = Hypervisor(URI)
+    except HypervisorError as e:
+        _unavailable(f"libvirtd is not reachable at {URI} ({e}); run scripts/setup-libvirt.sh as root")
+    if not all((GUEST_DIR / f).is_file() for f in ("vmlinuz", "initrd.gz", "root.qcow2")):
+        if os.geteuid() == 0:
+            subprocess.run([str(ROOT / "scripts" / "build-guest.sh"), str(GUEST_DIR)], check=True)
+        else:
+            _unavailable(f"the tiny guest is not built in {GUEST_DIR}: run scripts/build-guest.sh {GUEST_DIR}")
+    yield hv
+    hv.close()
+    print("\nQEMU morph timings:")
+    for what, seconds in TIMINGS:
+        print(f"  {seconds:6.2f} s  {what}")
+
+
+class World:
+    """The program, its state folder, the VM, and the morph loop the tests share."""
+
+    def __init__(self, hv) -> None:
+        from controller import context
+        from controller.runtime import Runtime
+        from controller.store import Series, series_path
+
+        # QEMU runs as libvirt-qemu: every folder on the way to a disk must be traversable (mkdtemp is 0700).
+        self.work = Path(tempfile.mkdtemp(prefix="vmflow-morph-", dir="/var/tmp"))
+        os.chmod(self.work, 0o755)
+        self.prog = self.work / "prog"
+        (self.prog / "images").mkdir(parents=True)
+        self.state = self.work / "state"
+        self.name = f"vmflow-morph-{os.getpid()}"
+        self.hv = hv
+        for image_id, cmdline in {"tiny": CMDLINE + " vmflow.app=1",
+                                  "tiny-b": CMDLINE + " vmflow.app=1 vmflow.image=b"}.items():
+            (self.prog / "images" / f"{image_id}.yaml").write_text(IMAGE.format(id=image_id, cmdline=cmdline))
+        (self.prog / "main.flow").write_text(PROGRAM.format(name=self.name))
+        self.t = context.load(self.prog, URI, self.state, image_root=GUEST_DIR)
+        assert self.t.compilation.ok, [d.message for d in self.t.compilation.diagnostics]
+        self.store = context.open_store(self.t)
+        self.series = Series(series_path(self.state))
+        self.images = context.image_repo(self.t, hv)
+        self.rt = Runtime(self.t.program, hv, self.store, self.series, interval=INTERVAL, stability=STABILITY,
+                          images=self.images, health_timeout=10)
+        self.rt.load(self.t.compilation.program)
+
+    def create(self):
+        from controller.apply import Applier
+        from controller.context import make_plan
+
+        plan, _ = make_plan(self.t, self.hv)
+        result = Applier(self.hv, self.store, images=self.images, health=self.t.health,
+                         health_timeout=10).apply(plan, self.t.program)
+        assert [o.result for o in result.outcomes] == ["applied"], [(o.result, o.detail) for o in result.outcomes]
+
+    def plan_change(self):
+        from controller.context import make_plan
+
+        (change,) = make_plan(self.t, self.hv)[0].changes
+        return change
+
+    def drive(self, done, timeout: float, what: str) -> list:
+        """Rounds of the morph loop every INTERVAL seconds, sampling for real, until `done(outcomes)`."""
+        got: list = []
+        deadline = time.monotonic() + timeout
+        while True:
+            t = time.time()
+            got += self.rt.step(t)
+            if done(got):
+                return got
+            assert time.monotonic() < deadline, f"{what}: not reached in {timeout} s: " + \
+                ", ".join(f"{o.morph} {o.outcome}" for o in got)
+            time.sleep(max(0.0, t + INTERVAL - time.time()))
+
+    # -- inside the guest
+    def sh(self, script: str) -> tuple[int, str]:
+        code, out, err = self.hv.guest_exec(self.name, ["sh", "-c", script], timeout=20)
+        return code, out + err
+
+    def out(self, script: str) -> str:
+        code, out = self.sh(script)
+        assert code == 0, (script, out)
+        return out.strip()
+
+    def until(self, fn, timeout: float = 30.0, what: str = ""):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = fn()
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"not reached in {timeout} s: {what} (last {value!r})"
+            time.sleep(0.3)
+
+    def memtotal(self) -> int:
+        return int(self.out("grep MemTotal /proc/meminfo").split()[1])
+
+    def online_cpus(self) -> int:
+        return int(self.out("grep -c ^processor /proc/cpuinfo"))
+
+    def observed(self):
+        return self.hv.observe_vm(self.name)
+
+
+@pytest.fixture(scope="module")
+def world(qemu):
+    w = World(qemu)
+    yield w
+    from controller.hypervisor import HypervisorError
+
+    w.rt.close(60)
+    if os.environ.get("VMFLOW_KEEP_VM"):  # debugging: leave the VM and its files for a look
+        print(f"\nkept {w.name}, files in {w.work}")
+        return
+    try:
+        if qemu.exists(w.name):
+            qemu.stop(w.name)
+            qemu.undefine(w.name)
+    except HypervisorError:
+        pass
+    w.series.close()
+    w.store.close()
+    shutil.rmtree(w.work, ignore_errors=True)
+
+
+class timed:
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self):
+        self.t = time.monotonic()
+
+    def __exit__(self, *exc):
+        TIMINGS.append((self.what + ("" if exc[0] is None else " [failed]"), time.monotonic() - self.t))
+
+
+def _ended(morph: str):
+    return lambda got: any(o.morph == morph and o.outcome in ("applied", "rolled-back", "failed") for o in got)
+
+
+def _one(got: list, morph: str):
+    (o,) = [o for o in got if o.morph == morph and o.outcome in ("applied", "rolled-back", "failed")]
+    return o
+
+
+def test_create_the_vm(world):
+    with timed("create (overlay, define, boot, health app(nginx))"):
+        world.create()
+    assert world.sh("pidof nginx")[0] == 0
+
+
+def test_memory_pressure_grows_the_balloon_and_memtotal(world):
+    from controller.plan import Action, Reason
+
+    before = world.memtotal()
+    # 80 MiB in a tmpfs of a guest with ~150 MiB: memory in use (MemTotal - MemAvailable) goes past 70%.
+    world.out("mkdir -p /mnt/fill && mount -t tmpfs -o size=95% tmpfs /mnt/fill && "
+              "dd if=/dev/zero of=/mnt/fill/f bs=1M count=80 2>/dev/null")
+    with timed("memory > 70% for 10s: fired and applied (real samples, balloon, 10 s stability)"):
+        got = world.drive(_ended("more"), 90, "the memory morph")
+    o = _one(got, "more")
+    assert o.outcome == "applied", o.detail
+    assert [x.outcome for x in got if x.morph == "more"] == ["fired", "applied"]
+    assert o.reason.startswith("memory ") and o.reason.endswith("> 70% for 10s: memory 192MiB → 320MiB")
+    assert o.after.memory_kib == 320 * 1024 and o.after.owner.morphs == ("memory:more",)
+    with timed("memory: MemTotal follows in the guest"):
+        world.until(lambda: world.memtotal() >= before + 100 * 1024, 30, "MemTotal grows by 128 MiB")
+    world.out("rm -f /mnt/fill/f && umount /mnt/fill")
+    change = world.plan_change()
+    assert (change.action, change.reasons) == (Action.NOOP, (Reason.MORPHED,))
+    events = world.store.events(program=world.t.program, kind="morph", limit=2)
+    assert [(e.outcome, e.vm) for e in events] == [("applied", world.name), ("fired", world.name)]
+
+
+def test_a_morph_the_vm_does_not_survive_is_rolled_back(world):
+    """`memory += 64MiB` applies and verifies, then the application the health check watches dies inside
+    the stability window: the VM goes back to its snapshot, application running, memory as it was."""
+    world.out(START.format(name="probe"))
+
+    killed = []
+
+    def sleep_then_break(seconds: float) -> None:
+        if not killed:
+            killed.append(world.sh("appctl stop"))
+        time.sleep(seconds)
+
+    world.rt.sleep = sleep_then_break
+    try:
+        with timed("app(probe) fires memory += 64MiB; nginx killed in the stability window: rolled back"):
+            got = world.drive(_ended("probe"), 60, "the probe morph")
+    finally:
+        world.rt.sleep = time.sleep
+    o = _one(got, "probe")
+    assert killed, "the stability window never started"
+    assert o.outcome == "rolled-back", (o.outcome, o.detail)
+    assert "became unhealthy" in o.detail and "nginx" in o.detail and "reverted to snapshot vmflow-" in o.detail
+    ev = world.store.events(program=world.t.program, kind="morph", limit=1)[0]
+    assert ev.outcome == "rolled-back" and ev.data["detail"] == o.detail
+    with timed("rollback: agent and nginx back"):
+        world.until(lambda: world.hv.agent_ping(world.name), 60, "agent after revert")
+        world.until(lambda: world.sh("pidof nginx")[0] == 0, 20, "nginx after revert")
+    vm = world.observed()
+    assert vm.owner.morphs == ("memory:more",)
+    world.until(lambda: world.observed().memory_kib == 320 * 1024, 20, "320 MiB in the live XML")
+    world.out(KILL.format(name="probe"))  # the snapshot had it running
+
+
+def test_an_os_swap_morph_runs_in_a_worker_and_keeps_the_uuid(world):
+    from controller.plan import Action, Reason
+
+    uuid = world.observed().uuid
+    world.out(START.format(name="swapme"))
+    seen_busy = []
+
+    def done(got):
+        seen_busy.append(world.rt.busy())
+        return _ended("swap")(got)
+
+    with timed("app(swapme) fires swap image: worker (shutdown, overlay, boot, health, 10 s stability)"):
+        got = world.drive(done, 120, "the OS swap morph")
+    o = _one(got, "swap")
+    assert o.outcome == "applied", o.detail
+    assert {world.name} in seen_busy  # the VM was busy while the worker changed it
+    assert "vmflow.image=b" in world.out("cat /proc/cmdline")
+    assert world.sh("pidof nginx")[0] == 0
+    vm = world.observed()
+    assert vm.uuid == uuid and vm.image == "tiny-b" and vm.owner.base["image"] == "tiny"
+    assert set(vm.owner.morphs) == {"memory:more", "image:swap"} and vm.memory_kib == 320 * 1024
+    change = world.plan_change()
+    assert (change.action, change.reasons) == (Action.NOOP, (Reason.MORPHED,))
+
+
+def test_cpu_load_adds_a_vcpu_that_comes_online_in_the_guest(world):
+    from controller.plan import Action, Reason
+
+    assert world.online_cpus() == 1
+    world.out("setsid sh -c 'while :; do :; done' </dev/null >/dev/null 2>&1 &")
+    try:
+        with timed("cpu > 80% for 30s under a busy loop: fired and applied (hotplug, 10 s stability)"):
+            got = world.drive(_ended("grow"), 150, "the cpu morph")
+    finally:
+        world.sh("pkill -f 'while :; do :; done' || true")
+    o = _one(got, "grow")
+    assert o.outcome == "applied", o.detail
+    assert o.reason.startswith("cpu ") and o.reason.endswith("> 80% for 30s: cpu 1 → 2")
+    with timed("cpu: the second vCPU online in the guest"):
+        world.until(lambda: world.online_cpus() == 2, 30, "2 CPUs online")
+    assert world.out("cat /sys/devices/system/cpu/online") in ("0-1", "0,1")
+    vm = world.observed()
+    assert vm.vcpus == 2 and set(vm.owner.morphs) == {"memory:more", "image:swap", "cpu:grow"}
+    change = world.plan_change()
+    assert (change.action, change.reasons) == (Action.NOOP, (Reason.MORPHED,))
