@@ -46,7 +46,7 @@ bench: $(STAMP)
 	 else echo "bench/apply.py skipped: it needs root for libvirtd"; fi
 
 bless: $(STAMP)
-	VMFLOW_BLESS=1 $(PY) -m pytest -q tests/test_golden.py tests/test_plan_golden.py tests/test_plan_markdown.py tests/test_preview.py
+	VMFLOW_BLESS=1 $(PY) -m pytest -q tests/test_golden.py tests/test_plan_golden.py tests/test_plan_markdown.py tests/test_preview.py tests/test_simulate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
