@@ -19,19 +19,27 @@ def git_env(home: Path) -> dict:
 
 
 class Repo:
-    def __init__(self, path: Path, branch: str = "main") -> None:
+    """A working repository to commit into."""
+
+    def __init__(self, path: Path, branch: str = "main", user: tuple[str, str] = ("Ada", "ada@example.com")) -> None:
         self.path = path
         self.env = git_env(path.parent)
+        self.env.update(GIT_AUTHOR_NAME=user[0], GIT_AUTHOR_EMAIL=user[1], GIT_COMMITTER_NAME=user[0],
+                        GIT_COMMITTER_EMAIL=user[1])
         path.mkdir(parents=True, exist_ok=True)
         self.git("init", "-q", "-b", branch)
-        self.git("config", "commit.gpgsign", "false")
+        for key, value in (("user.name", user[0]), ("user.email", user[1]), ("commit.gpgsign", "false"),
+                           ("tag.gpgsign", "false")):
+            self.git("config", key, value)
 
-    def git(self, *args: str) -> str:
-        out = subprocess.run(["git", *args], cwd=self.path, env=self.env, check=True, capture_output=True, text=True)
+    def git(self, *args: str, env: dict | None = None) -> str:
+        out = subprocess.run(["git", *args], cwd=self.path, env={**self.env, **(env or {})}, capture_output=True,
+                             text=True)
+        assert out.returncode == 0, f"git {' '.join(args)}: {out.stderr}"
         return out.stdout.strip()
 
-    def commit(self, files: dict[str, str | None], message: str = "change") -> str:
-        """Write (or, for None, delete) files and commit them; returns the new sha."""
+    def write(self, files: dict[str, str | None]) -> None:
+        """Write (or, for None, delete) files in the working tree."""
         for name, text in files.items():
             f = self.path / name
             if text is None:
@@ -39,12 +47,21 @@ class Repo:
                 continue
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(text)
+
+    def commit(self, files: dict[str, str | None], message: str = "change", *args: str,
+               env: dict | None = None) -> str:
+        """Write the files and commit everything; returns the new sha."""
+        self.write(files)
         self.git("add", "-A")
-        self.git("commit", "-q", "-m", message)
+        self.git("commit", "-q", "--allow-empty", "-m", message, *args, env=env)
         return self.head()
 
     def head(self) -> str:
         return self.git("rev-parse", "HEAD")
+
+    def object_file(self, rev: str) -> Path:
+        sha = self.git("rev-parse", rev)
+        return self.path / ".git" / "objects" / sha[:2] / sha[2:]
 
 
 class Keys:
@@ -74,14 +91,8 @@ class Keys:
         (folder / f"{fpr[-16:]}.asc").write_bytes(self._gpg("--armor", "--export", fpr))
 
     def signed_commit(self, repo: Repo, fpr: str, files: dict[str, str | None], message: str) -> str:
-        for name, text in files.items():
-            (repo.path / name).parent.mkdir(parents=True, exist_ok=True)
-            (repo.path / name).write_text(text)
-        repo.git("add", "-A")
-        subprocess.run(["git", "-c", "gpg.program=gpg", "-c", f"user.signingkey={fpr}", "commit", "-q", "-S",
-                        "--allow-empty", "-m", message], cwd=repo.path, check=True, capture_output=True,
-                       env={**repo.env, "GNUPGHOME": self.home})
-        return repo.head()
+        return repo.commit(files, message, "-S", env={"GNUPGHOME": self.home, "GIT_CONFIG_PARAMETERS":
+                                                       f"'gpg.program=gpg' 'user.signingkey={fpr}'"})
 
     def close(self) -> None:
         import shutil

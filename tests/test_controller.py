@@ -406,7 +406,7 @@ def test_the_controller_process_watches_commits_answers_webhooks_and_stops_on_si
         assert _post(port, "/hooks/git", body, {"X-GitHub-Event": "push", "X-Hub-Signature-256": good}) == 202
         _wait(lambda: _status(port)["sync"] == "OutOfSync", 10, p)
         assert _vms(state)["web"].vcpus == 7  # reported, not reverted: self-heal is off
-        code, metrics = 0, urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
         assert 'vmflow_drifted_vms{program="web"} 1.0' in metrics
         assert "vmflow_reconcile_duration_seconds_count" in metrics
     finally:

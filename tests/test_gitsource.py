@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import watchfiles
 from compiler import program as program_module
 from compiler.program import Compiler
 from controller.gitsource import GitError, GitSource, GitTree
+from tests.gitrepo import Keys, Repo
 
 WEB = """\
 import "../../shared"
@@ -67,41 +67,9 @@ def git(cwd: Path, *args: str, env: dict | None = None) -> str:
     return run.stdout.strip()
 
 
-class Repo:
-    """A working repository to commit into."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.mkdir(parents=True)
-        git(path, "init", "-q", "-b", "main")
-        for key, value in (("user.name", "Tess Ter"), ("user.email", "tess@example.com"),
-                           ("commit.gpgsign", "false"), ("tag.gpgsign", "false")):
-            git(path, "config", key, value)
-
-    def write(self, files: dict[str, str | None]) -> None:
-        for name, text in files.items():
-            target = self.path / name
-            if text is None:
-                target.unlink()
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
-
-    def commit(self, files: dict[str, str | None], message: str = "change", *args: str,
-               env: dict | None = None) -> str:
-        self.write(files)
-        git(self.path, "add", "-A")
-        git(self.path, "commit", "-q", "--allow-empty", "-m", message, *args, env=env)
-        return git(self.path, "rev-parse", "HEAD")
-
-    def object_file(self, rev: str) -> Path:
-        sha = git(self.path, "rev-parse", rev)
-        return self.path / ".git" / "objects" / sha[:2] / sha[2:]
-
-
 @pytest.fixture
 def repo(tmp_path) -> Repo:
-    return Repo(tmp_path / "infra")
+    return Repo(tmp_path / "infra", user=("Tess Ter", "tess@example.com"))
 
 
 def web_program(bound: int = 8) -> dict[str, str]:
@@ -407,39 +375,22 @@ def test_commit_info(repo):
 
 
 @pytest.fixture
-def gnupg():
-    """Makes ed25519 signing keys in a throwaway GnuPG home; yields (home, make_key)."""
-    if shutil.which("gpg") is None:
-        pytest.skip("gpg is not installed")  # reported by -ra, never silent
-    home = tempfile.mkdtemp(prefix="vmflow-test-gpg-")  # short: the agent's socket path has a length limit
-    os.chmod(home, 0o700)
-    env = {"GNUPGHOME": home}
-
-    def make_key(uid: str) -> str:
-        subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", uid, "ed25519", "sign", "never"],
-                       check=True, capture_output=True, env={**os.environ, **env})
-        listing = subprocess.run(["gpg", "--batch", "--with-colons", "--list-keys", uid], check=True,
-                                 capture_output=True, text=True, env={**os.environ, **env}).stdout
-        return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
-
-    yield env, make_key
-    subprocess.run(["gpgconf", "--homedir", home, "--kill", "all"], capture_output=True, check=False)
-    shutil.rmtree(home, ignore_errors=True)
+def keys():
+    keys = Keys()
+    yield keys
+    keys.close()
 
 
-def test_signatures(repo, tmp_path, gnupg):
-    env, make_key = gnupg
-    trusted_fpr = make_key("Test <t@example.com>")
-    other_fpr = make_key("Other <o@example.com>")
+def test_signatures(repo, tmp_path, keys):
+    trusted_fpr = keys.make("Test <t@example.com>")
+    other_fpr = keys.make("Other <o@example.com>")
     trusted = tmp_path / "trusted"
-    trusted.mkdir()
-    (trusted / "test.asc").write_bytes(subprocess.run(["gpg", "--armor", "--export", trusted_fpr], check=True,
-                                                      capture_output=True, env={**os.environ, **env}).stdout)
+    keys.export(trusted_fpr, trusted)
     (trusted / "notes.txt").write_text("not a key\n")
 
-    good = _signed_commit(repo, trusted_fpr, "signed", env)
+    good = keys.signed_commit(repo, trusted_fpr, {}, "signed")
     unsigned = repo.commit({}, "unsigned")
-    stranger = _signed_commit(repo, other_fpr, "signed by someone else", env)
+    stranger = keys.signed_commit(repo, other_fpr, {}, "signed by someone else")
     source = GitSource(str(repo.path))
     assert source.verify(good, trusted) == (True, f"signed by Test <t@example.com> ({trusted_fpr})")
     assert source.verify(unsigned, trusted) == (False, "the commit is not signed")
@@ -452,12 +403,6 @@ def test_signatures(repo, tmp_path, gnupg):
     raw = subprocess.run(["git", "cat-file", "commit", good], cwd=repo.path, check=True, capture_output=True).stdout
     forged = git_hash_object(repo.path, raw.replace(b"signed\n", b"signed!\n"))
     assert source.verify(forged, trusted) == (False, "bad signature")
-
-
-def _signed_commit(repo: Repo, fpr: str, message: str, env: dict) -> str:
-    git(repo.path, "-c", "gpg.program=gpg", "-c", f"user.signingkey={fpr}", "commit", "-q", "--allow-empty", "-S",
-        "-m", message, env=env)
-    return git(repo.path, "rev-parse", "HEAD")
 
 
 def git_hash_object(cwd: Path, data: bytes) -> str:
