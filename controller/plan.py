@@ -44,6 +44,7 @@ class Reason(str, Enum):
     REMOVED_FROM_PROGRAM = "removed-from-program"  # delete: owned, no longer declared
     CPU_LIVE = "cpu-live"                        # vCPUs change within the current maximum
     CPU_MAX = "cpu-max"                          # the vCPU maximum (the bound) changes
+    CPU_UNPLUG = "cpu-unplug"                    # fewer vCPUs on a running VM whose hypervisor cannot unplug live
     MEMORY_LIVE = "memory-live"                  # balloon target changes within the maximum
     MEMORY_MAX = "memory-max"                    # the memory maximum (the bound) changes
     IMAGE = "image"                              # a new boot image: OS swap
@@ -95,6 +96,9 @@ class Options:
     allow_mass_delete: bool = False
     mass_delete_share: float = 0.5
     device_hotplug: bool = True  # False on libvirt's test driver
+    # False on QEMU: a live vCPU unplug times out there, so fewer vCPUs on a running VM is a restart with
+    # the new count in its config (HYPERVISOR.md). The test driver pretends to unplug.
+    cpu_unplug: bool = True
     pools: dict = field(default_factory=dict)  # name -> (cpu, memory_kib) capacity, None for unlimited
 
 
@@ -159,7 +163,11 @@ def _compare(want: VmState, have: VmState, opts: Options, honour_morphs: bool) -
         reasons.append(Reason.CPU_MAX)
         restart.append("cpu.bound")
     elif want.vcpus != have.vcpus and not morphed("cpu"):
-        reasons.append(Reason.CPU_LIVE)
+        if want.vcpus < have.vcpus and have.running and not opts.cpu_unplug:
+            reasons.append(Reason.CPU_UNPLUG)
+            restart.append("cpu")
+        else:
+            reasons.append(Reason.CPU_LIVE)
     if want.max_memory_kib != have.max_memory_kib:
         reasons.append(Reason.MEMORY_MAX)
         restart.append("memory.bound")

@@ -327,7 +327,8 @@ class Runtime:
         whose size another morph still explains) is a live update that rewrites the record."""
         have = replace(before, owner=replace(before.owner, morphs=())) if before.owner else before
         p = plan({target.name: target}, ActualState({target.name: have}, (), self.hv.uri),
-                 Options(device_hotplug=self.hv.capabilities.device_hotplug))
+                 Options(device_hotplug=self.hv.capabilities.device_hotplug,
+                         cpu_unplug=self.hv.domain_type == "test"))
         (change,) = p.changes
         if change.action in (Action.UPDATE_LIVE, Action.UPDATE_RESTART):
             return change, None

@@ -17,7 +17,7 @@ A case file opens with a comment saying what it shows. Its keys:
                        program owning the VM; give `morphs` (`cpu:grow`) and a `base` (as applied: `cpu`,
                        `cpu.bound`, `memory`, `memory.bound`) to show morphs and drift.
     unmanaged          domains vmflow does not own: `name`, and optionally `uuid` and `running`
-    options            `prune`, `allow_mass_delete`, `mass_delete_share`, `device_hotplug` (default true) and
+    options            `prune`, `allow_mass_delete`, `mass_delete_share`, `device_hotplug`, `cpu_unplug` (both default true) and
                        `pools`: `{rack1: {cpu: 32, memory: 128GiB}}` (either may be left out: unlimited)
 
 Unknown keys are errors, so a misspelt field cannot quietly fall back to its default. Every `Action` and every
