@@ -18,7 +18,7 @@ COMMANDS: list = []
 
 from compiler import render  # noqa: E402
 from controller.cli import EXIT_ERROR, EXIT_OK, _colour, _images_option, _no_color_option  # noqa: E402
-from controller.cli_ops import _open_store, _state_dir_option  # noqa: E402
+from controller.cli_ops import _guarded, _open_store, _state_dir_option  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ simulate
 
@@ -61,7 +61,8 @@ def simulate_cmd(paths: tuple[Path, ...], trace: Path, maps: tuple[str, ...], st
       vmflow simulate infra/web --metrics month.csv.gz --map web=month --format json | jq '.simulations[0].vms'
 
     Exit codes: 0 simulated, 1 bad input (a program that does not validate, a missing trace, an unknown VM
-    or trace id), 64 bad command line.
+    or trace id, a trace row that is not a time and amounts, a span of more than 200,000 rounds), 64 bad
+    command line.
     """
     from compiler.program import Compiler, discover
     from controller import simulate as sim
@@ -137,6 +138,7 @@ COMMANDS.append(simulate_cmd)
 @click.option("-n", "--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
 @click.option("-f", "--format", "fmt", type=click.Choice(("text", "json")), default="text", show_default=True,
               help="text: one line per event; json: the events with their data.")
+@_guarded
 def events_cmd(state_dir: Path, program: str | None, vm: str | None, kind: str | None, since: str | None,
                limit: int, fmt: str) -> None:
     """The event log, newest first: morphs fired, applied, reverted, rolled back or held back; reconciles;

@@ -7,6 +7,8 @@ config file (`--config`); the command line wins over the environment, which wins
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sys
 import time
@@ -18,7 +20,7 @@ import click
 # still loading, and that module reads COMMANDS when it is done.
 COMMANDS: list = []
 
-from controller.cli import EXIT_ERROR, EXIT_OK, _colour, _no_color_option  # noqa: E402
+from controller.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, _colour, _no_color_option  # noqa: E402
 
 _CONFIG_KEYS = {"repo", "branch", "path", "libvirt", "state_dir", "listen", "once", "poll", "resync", "self_heal",
                 "prune", "allow_mass_delete", "verify_signatures", "trusted_keys", "allow_unrelated_history",
@@ -28,30 +30,67 @@ _CONFIG_KEYS = {"repo", "branch", "path", "libvirt", "state_dir", "listen", "onc
 
 
 def _read_config(ctx: click.Context, _param, value: Path | None):
-    """`--config FILE`: YAML keys named like the long options (`self_heal: true`) become defaults."""
+    """`--config FILE`: YAML keys named like the long options (`self_heal: true`) become defaults.
+
+    The file is the command line written down, so a mistake in it is a usage error (exit 64); its message
+    is one line that names the file, the line and the column, and says what is wrong."""
     if value is None:
         return None
     import yaml
 
+    def fail(message: str, node=None) -> None:
+        where = f"{value}:{node.start_mark.line + 1}:{node.start_mark.column + 1}" if node is not None else f"{value}"
+        click.echo(f"error: {where}: {message}", err=True)
+        sys.exit(EXIT_USAGE)
+
     try:
-        doc = yaml.safe_load(value.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise click.BadParameter(f"cannot read {value}: {e}") from None
-    if not isinstance(doc, dict):
-        raise click.BadParameter(f"{value} must hold a mapping of option names to values")
+        text = value.read_bytes().decode("utf-8")
+    except OSError as e:
+        fail(f"cannot read it: {e.strerror or e}")
+    except UnicodeDecodeError as e:
+        fail(f"not UTF-8 text (byte {e.start}): a config file is YAML")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        doc = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f"{value}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{value}"
+        click.echo(f"error: {at}: not valid YAML: {e.problem or e.context}", err=True)
+        sys.exit(EXIT_USAGE)
+    except (yaml.YAMLError, RecursionError) as e:
+        fail(f"not valid YAML: {type(e).__name__}")
+    if doc is None:
+        doc, root = {}, None
+    if not isinstance(doc, dict) or not isinstance(root, yaml.MappingNode | None):
+        fail("must hold a mapping of option names to values (`repo: /srv/infra`), not "
+             f"{'a list' if isinstance(doc, list) else 'a single value'}", root)
+    nodes = {str(k.value).replace("-", "_"): (k, v) for k, v in (root.value if root is not None else [])}
     doc = {str(k).replace("-", "_"): v for k, v in doc.items()}
     unknown = sorted(set(doc) - _CONFIG_KEYS)
     if unknown:
         from compiler.diagnostics import did_you_mean
 
         hint = did_you_mean(unknown[0], sorted(_CONFIG_KEYS))
-        raise click.BadParameter(f"{value}: unknown key `{unknown[0]}`" + (f"; {hint}" if hint else ""))
+        fail(f"unknown key `{unknown[0]}`" + (f"; {hint}" if hint else ""), nodes.get(unknown[0], (None,))[0])
     # Keys are the options' names; click's defaults are keyed by parameter name.
-    for key, param in (("path", "subpath"), ("libvirt", "libvirt_uri")):
+    renamed = {"path": "subpath", "libvirt": "libvirt_uri", "watch": "no_watch"}
+    params = {p.name: p for p in ctx.command.params}
+    for key, v in doc.items():
+        node = nodes.get(key, (None, None))[1]
+        if v is None:
+            fail(f"`{key}` has no value: give one, or leave the key out", node)
+        if isinstance(v, dict | list):
+            fail(f"`{key}` must be a single value, not {'a mapping' if isinstance(v, dict) else 'a list'}", node)
+        param = params[renamed.get(key, key)]
+        try:
+            param.type_cast_value(ctx, v)
+        except click.BadParameter as e:
+            fail(f"`{key}`: {e.message}", node)
+    for key, name in renamed.items():
         if key in doc:
-            doc[param] = doc.pop(key)
-    if "watch" in doc:
-        doc["no_watch"] = not doc.pop("watch")
+            doc[name] = doc.pop(key)
+    if "no_watch" in doc:
+        doc["no_watch"] = not click.BOOL.convert(doc["no_watch"], None, ctx)
     ctx.default_map = {**(ctx.default_map or {}), **doc}
     return value
 
@@ -172,17 +211,84 @@ def controller_cmd(repo, branch, subpath, libvirt_uri, state_dir, listen, once, 
                  monitor_interval=monitor_interval, stability=stability,
                  limits=Limits(max_morphs_per_vm_per_hour=max_morphs_per_hour, fleet_concurrency=morph_concurrency),
                  notify_url=notify_url or None)
-    if cfg.listen and ":" not in cfg.listen:
-        raise click.UsageError(f"--listen wants HOST:PORT, not `{cfg.listen}`")
+    from controller.server import ListenError, check_listen, parse_listen
+
+    if cfg.listen:
+        try:
+            host, port = parse_listen(cfg.listen)
+        except ValueError as e:
+            raise click.UsageError(f"--listen: {e}") from None
+    # What a typo in the command line or the config file would otherwise leave behind (a state folder and a
+    # status document for a program that is not there) is checked first, and nothing is written.
     try:
-        ctrl = Controller(cfg)
-    except (GitError, ValueError) as e:
+        _check_source(repo, branch, subpath, once)
+        if cfg.listen:
+            check_listen(host, port)
+    except (GitError, ValueError, ListenError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_ERROR)
-    code = ctrl.run_once() if once else ctrl.run()
-    if once:
-        _print_status(ctrl.store.get_status(ctrl.program) or {}, False, sys.stdout.isatty())
+    with _state_errors(state_dir):
+        _repair_status(cfg)
+        try:
+            ctrl = Controller(cfg)
+        except json.JSONDecodeError:
+            raise
+        except (GitError, ValueError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_ERROR)
+        except OSError as e:
+            click.echo(f"error: cannot use the state folder `{state_dir}`: {e.strerror or e}", err=True)
+            sys.exit(EXIT_ERROR)
+        try:
+            code = ctrl.run_once() if once else ctrl.run()
+        except ListenError as e:  # taken between the check above and the server's start
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_ERROR)
+        if once:
+            doc = ctrl.store.get_status(ctrl.program) or {}
+            _print_status(doc, False, sys.stdout.isatty())
+            err = doc.get("last_error") if code else None
+            if isinstance(err, dict):
+                click.echo(f"error: {err.get('reason')}: {err.get('message')}", err=True)
     sys.exit(code)
+
+
+def _repair_status(cfg) -> None:
+    """A status document of this program that is damaged (not JSON, not an object) is written afresh, with
+    a warning: it is the controller's own record, and the controller could not start over it."""
+    import logging
+
+    from controller.gitsource import GitSource
+    from controller.reconcile import reset_damaged_status
+    from controller.store import Store
+
+    db = cfg.state_dir / "vmflow.db"
+    if not db.is_file():
+        return
+    store = Store(db)
+    try:
+        source = GitSource(cfg.repo, cfg.branch, cfg.path, cache_dir=cfg.state_dir / "git")
+        why = reset_damaged_status(store, source.program_name, source, cfg.libvirt, cfg.settings)
+        if why is not None:
+            logging.getLogger("vmflow.controller").warning(
+                f"the status of `{source.program_name}` in {db} was damaged ({why}); it is written afresh")
+    finally:
+        store.close()
+
+
+def _check_source(repo: str, branch: str, subpath: str, once: bool) -> None:
+    """Raise what a local repository's first read would: it does not exist, is a file, is not a git
+    repository; with --once also a branch it does not have (a service waits for the branch to be pushed).
+    A remote is not reached here: its mirror lives in the state folder."""
+    from controller.gitsource import GitSource
+
+    with GitSource(repo, branch, subpath) as source:
+        source.check()
+        if once and source.local:
+            head = source.head()
+            if source.path and source.tree(head).kind(source.path) is None:
+                raise ValueError(f"--path `{subpath}` does not exist in `{repo}` at the head of `{branch}` "
+                                 f"({head[:12]})")
 
 
 COMMANDS.append(controller_cmd)
@@ -195,11 +301,45 @@ def _open_store(state_dir: Path):
     from controller.store import Store
 
     db = state_dir / "vmflow.db"
-    if not db.exists():
-        click.echo(f"error: no vmflow state in `{state_dir}` (no controller has run there); pass --state-dir",
-                   err=True)
+    if not db.is_file():
+        what = "is not a file" if db.exists() else "does not exist"
+        click.echo(f"error: no vmflow state in `{state_dir}` (`{db.name}` {what}; no controller has run there); "
+                   "pass --state-dir", err=True)
         sys.exit(EXIT_ERROR)
-    return Store(db)
+    with _state_errors(state_dir):
+        return Store(db)
+
+
+def _guarded(command):
+    """A command over the state folder (its `state_dir` argument), with `_state_errors` around it."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        with _state_errors(kwargs.get("state_dir") or Path(".vmflow")):
+            return command(*args, **kwargs)
+    return run
+
+
+@contextlib.contextmanager
+def _state_errors(state_dir: Path):
+    """A state database that cannot be read (not SQLite, damaged, locked, unwritable, the disk full) or a
+    document in it that is not JSON: one `error:` line naming the file, and exit 1, instead of a crash."""
+    db = state_dir / "vmflow.db"
+    try:
+        yield
+    except json.JSONDecodeError as e:
+        click.echo(f"error: the state database `{db}` is damaged: a document in it is not JSON ({e})", err=True)
+        sys.exit(EXIT_ERROR)
+    except Exception as e:
+        if not _is_database_error(e):
+            raise
+        click.echo(f"error: the state database `{db}` cannot be used: {e}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+def _is_database_error(e: BaseException) -> bool:
+    """sqlite3's DatabaseError (and its kinds), which the store lets through as they are. Told by name:
+    only controller/store.py may import sqlite3."""
+    return any(c.__module__ == "sqlite3" and c.__name__ == "DatabaseError" for c in type(e).__mro__)
 
 
 def _ago(t: float | None) -> str:
@@ -250,8 +390,9 @@ def _print_status(doc: dict, verbose: bool, colour: bool) -> None:
     err = doc.get("last_error")
     if err:
         click.echo(f"  last error     {err.get('reason')}: {err.get('message')}")
-        for d in err.get("diagnostics", [])[:20]:
-            click.echo(f"    {d['file']}:{d['line']}:{d['column']}: {d['severity']}[{d['code']}]: {d['message']}")
+        for d in (err.get("diagnostics") or [])[:20]:
+            where = f"{d.get('file')}:{d.get('line')}:{d.get('column')}: " if d.get("file") else ""
+            click.echo(f"    {where}{d.get('severity')}[{d.get('code')}]: {d.get('message')}")
     if doc.get("drift"):
         click.echo("  drift")
         for d in doc["drift"]:
@@ -275,6 +416,7 @@ def _print_status(doc: dict, verbose: bool, colour: bool) -> None:
               help="json: the status documents, specs/controller.md.")
 @click.option("-v", "--verbose", is_flag=True, help="Every VM of the inventory.")
 @_no_color_option
+@_guarded
 def status_cmd(state_dir: Path, program: str | None, fmt: str, verbose: bool, no_color: bool) -> None:
     """Show each program's sync, health, revisions, conditions, last error and VMs.
 
@@ -287,6 +429,8 @@ def status_cmd(state_dir: Path, program: str | None, fmt: str, verbose: bool, no
       vmflow status
       vmflow status --format json | jq '.programs.web.revisions'
     """
+    from controller.reconcile import damaged_status
+
     store = _open_store(state_dir)
     docs = store.all_status()
     if program:
@@ -294,6 +438,8 @@ def status_cmd(state_dir: Path, program: str | None, fmt: str, verbose: bool, no
         if not docs:
             click.echo(f"error: no program `{program}` in {state_dir}", err=True)
             sys.exit(EXIT_ERROR)
+    damaged = {k: why for k, v in docs.items() if (why := damaged_status(v)) is not None}
+    docs = {k: v for k, v in docs.items() if k not in damaged}
     if fmt == "json":
         events = {p: [e.__dict__ for e in store.events(program=p, limit=20)] for p in docs}
         click.echo(json.dumps({"format_version": 1, "programs": docs, "events": events}, indent=2, default=str))
@@ -308,9 +454,12 @@ def status_cmd(state_dir: Path, program: str | None, fmt: str, verbose: bool, no
                 for e in recent:
                     click.echo(f"    {time.strftime('%m-%d %H:%M:%S', time.localtime(e.at))}  {e.kind}/{e.outcome}"
                                f"{' ' + e.vm if e.vm else ''}: {e.message}")
-        if not docs:
+        if not docs and not damaged:
             click.echo("no programs yet")
-    sys.exit(EXIT_OK)
+    for name, why in damaged.items():
+        click.echo(f"error: the status of `{name}` in `{state_dir / 'vmflow.db'}` is damaged ({why}); the next "
+                   "`vmflow controller` run writes it afresh", err=True)
+    sys.exit(EXIT_ERROR if damaged else EXIT_OK)
 
 
 COMMANDS.append(status_cmd)
@@ -321,6 +470,7 @@ COMMANDS.append(status_cmd)
 @click.option("--program", help="Only this program.")
 @click.option("-n", "--limit", type=click.IntRange(1, 10000), default=20, show_default=True)
 @click.option("-f", "--format", "fmt", type=click.Choice(("text", "json")), default="text", show_default=True)
+@_guarded
 def history_cmd(state_dir: Path, program: str | None, limit: int, fmt: str) -> None:
     """Every apply, newest first: revision, when, how long, the result and the changes.
 
@@ -367,7 +517,12 @@ def _reconciler_from_status(store, state_dir: Path, program: str | None):
     if doc is None:
         click.echo(f"error: no program `{program}` in {state_dir}", err=True)
         sys.exit(EXIT_ERROR)
-    src = doc["source"]
+    src = doc.get("source") if isinstance(doc, dict) else None
+    if not (isinstance(src, dict) and all(isinstance(src.get(k), str) for k in ("repo", "branch", "path"))):
+        click.echo(f"error: the status of `{program}` in `{state_dir / 'vmflow.db'}` is damaged: it does not say "
+                   "which repository, branch and path the program comes from; run `vmflow controller` again to "
+                   "rewrite it", err=True)
+        sys.exit(EXIT_ERROR)
     try:
         source = GitSource(src["repo"], src["branch"], src["path"], cache_dir=state_dir.resolve() / "git")
     except (GitError, ValueError) as e:
@@ -383,9 +538,27 @@ def _reconciler_from_status(store, state_dir: Path, program: str | None):
 
 
 def _reconcile_here(rec, trigger: str, retry_failed: bool = False, lock_timeout: float = 60.0) -> int:
+    code, _out, error = _reconcile_outcome(rec, trigger, retry_failed, lock_timeout)
+    if error:
+        click.echo(f"error: {error}", err=True)
+    return code
+
+
+def _reconcile_outcome(rec, trigger: str, retry_failed: bool, lock_timeout: float):
+    """(exit code, Outcome, error message or "") of one reconcile in this process, waiting up to
+    `lock_timeout` seconds for the apply lock. The Outcome is None when a temporary error (the lock still
+    held, git or libvirt unreachable) stopped it before anything was applied. A success is printed here;
+    an error is the caller's to print, as one line."""
     from controller.reconcile import TemporaryError
+    from controller.store import LockHeld
 
     deadline = time.monotonic() + lock_timeout
+    # Wait for a running apply here, quietly: each refused reconcile would write the status and an event.
+    try:
+        rec.store.acquire(rec.program, "vmflow", f"waiting to reconcile ({trigger})", lock_timeout)
+        rec.store.release(rec.program)
+    except LockHeld as e:
+        return EXIT_ERROR, None, str(e)
     while True:
         try:
             out = rec.reconcile_once(trigger=trigger, retry_failed=retry_failed)
@@ -394,18 +567,21 @@ def _reconcile_here(rec, trigger: str, retry_failed: bool = False, lock_timeout:
             if e.reason == "LockHeld" and time.monotonic() < deadline:
                 time.sleep(0.5)
                 continue
-            click.echo(f"error: {e}", err=True)
-            return EXIT_ERROR
-    click.echo(f"{out.result}: {out.message or 'revision ' + (out.revision or '-')[:12]}")
-    return EXIT_OK if out.result in ("synced", "noop") else EXIT_ERROR
+            return EXIT_ERROR, None, str(e)
+    line = f"{out.result}: {out.message or 'revision ' + (out.revision or '-')[:12]}"
+    if out.result in ("synced", "noop"):
+        click.echo(line)
+        return EXIT_OK, out, ""
+    return EXIT_ERROR, out, line
 
 
 @click.command("rollback")
 @click.argument("rev")
 @_state_dir_option
 @click.option("--program", help="The program to roll back (needed when the state holds several).")
-@click.option("--lock-timeout", type=float, default=60.0, show_default=True,
+@click.option("--lock-timeout", type=click.FloatRange(0), default=60.0, show_default=True,
               help="Seconds to wait for a running apply of the controller to finish.")
+@_guarded
 def rollback_cmd(rev: str, state_dir: Path, program: str | None, lock_timeout: float) -> None:
     """Apply an older revision's program now, and hold it until the next commit.
 
@@ -421,6 +597,7 @@ def rollback_cmd(rev: str, state_dir: Path, program: str | None, lock_timeout: f
       vmflow rollback 3f2c1a9
     """
     from controller.gitsource import GitError
+    from controller.reconcile import control_key
     from controller.service import set_pin
 
     store = _open_store(state_dir)
@@ -434,17 +611,53 @@ def rollback_cmd(rev: str, state_dir: Path, program: str | None, lock_timeout: f
             rec.source.fetch()
             head = rec.source.head()
             sha = rec.source.resolve(rev)
+            _rollback_preflight(rec, doc, rev, sha)
         except GitError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {e}; nothing was changed", err=True)
             sys.exit(EXIT_ERROR)
+        before = store.get_doc(control_key(rec.program), {}).get("pin")
         set_pin(store, rec.program, {"revision": sha, "while_head": head, "at": time.time(), "requested": rev})
         store.add_event(rec.program, None, "rollback", "pinned",
                         f"rolled back to {sha[:12]} ({rev}); automatic apply waits for a commit after {head[:12]}")
         click.echo(f"{rec.program}: rolling back to {sha[:12]}; held there until a commit after {head[:12]}")
-        sys.exit(_reconcile_here(rec, f"rollback to {sha[:12]}", retry_failed=True, lock_timeout=lock_timeout))
+        code, out, error = _reconcile_outcome(rec, f"rollback to {sha[:12]}", True, lock_timeout)
+        applied = (rec.status().get("revisions") or {}).get("last_applied")
+        if code != EXIT_OK and (out is None or out.result == "stalled") and applied != sha:
+            # Nothing of REV was applied (the lock stayed held, libvirt was unreachable, the plan was refused):
+            # the pin goes back to what it was, so that a running controller does not apply REV later, behind
+            # the back of an operator who was told the rollback failed.
+            set_pin(store, rec.program, before)
+            status = rec.status()
+            status["pin"] = before
+            store.put_status(rec.program, status)
+            store.add_event(rec.program, None, "rollback", "failed",
+                            f"the rollback to {sha[:12]} ({rev}) was not applied; the pin is back as it was")
+            error += f"; the rollback to {sha[:12]} was not applied, and the program is not pinned to it"
+        if error:
+            click.echo(f"error: {error}", err=True)
+        sys.exit(code)
     finally:
         rec.close()
         store.close()
+
+
+def _rollback_preflight(rec, doc: dict, rev: str, sha: str) -> None:
+    """Refuse, before anything is pinned, a revision the reconcile would refuse anyway: one on history
+    unrelated to the applied revision, or one whose program does not compile (its diagnostics first)."""
+    from compiler import render
+    from compiler.diagnostics import has_errors
+
+    last = (doc.get("revisions") or {}).get("last_applied")
+    if isinstance(last, str) and last != sha and not rec.source.related(last, sha):
+        click.echo(f"error: revision {sha[:12]} ({rev}) shares no history with the applied revision {last[:12]}: "
+                   "it is not a revision of this branch; nothing was changed", err=True)
+        sys.exit(EXIT_ERROR)
+    comp = rec.source.compile(rec.compiler, sha)
+    if not comp.ok or has_errors(comp.diagnostics):
+        click.echo(render.render("plain", comp.diagnostics, comp.sources, False), nl=False, err=True)
+        click.echo(f"error: the program does not compile at {sha[:12]} ({rev}): "
+                   f"{render.summary(comp.diagnostics)}; nothing was changed", err=True)
+        sys.exit(EXIT_ERROR)
 
 
 COMMANDS.append(rollback_cmd)
@@ -453,7 +666,9 @@ COMMANDS.append(rollback_cmd)
 @click.command("sync")
 @_state_dir_option
 @click.option("--program", help="The program to reconcile (needed when the state holds several).")
-@click.option("--lock-timeout", type=float, default=60.0, show_default=True)
+@click.option("--lock-timeout", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="Seconds to wait for a running apply of the controller to finish.")
+@_guarded
 def sync_cmd(state_dir: Path, program: str | None, lock_timeout: float) -> None:
     """Reconcile now, retrying a revision that failed once.
 
@@ -492,6 +707,7 @@ def _suspend(state_dir: Path, program: str | None, suspended: bool, reason: str)
 @_state_dir_option
 @click.option("--program", help="Only this program (default: every program in the state).")
 @click.option("--reason", default="suspended by an operator", show_default=True)
+@_guarded
 def suspend_cmd(state_dir: Path, program: str | None, reason: str) -> None:
     """Stop applying: the controller keeps observing and reporting, and changes nothing."""
     _suspend(state_dir, program, True, reason)
@@ -500,6 +716,7 @@ def suspend_cmd(state_dir: Path, program: str | None, reason: str) -> None:
 @click.command("resume")
 @_state_dir_option
 @click.option("--program", help="Only this program (default: every program in the state).")
+@_guarded
 def resume_cmd(state_dir: Path, program: str | None) -> None:
     """Apply again after `vmflow suspend`; the next reconcile catches up with the branch."""
     _suspend(state_dir, program, False, "resumed by an operator")

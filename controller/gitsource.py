@@ -55,6 +55,7 @@ _HEX40 = re.compile(r"[0-9a-f]{40}")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _SCP = re.compile(r"(?:[^@/:]+@)?[^@/:]+:")  # git's `user@host:path`: a colon before any slash
 _USERINFO = re.compile(r"(//)[^/@]+@")
+_NOT_DAMAGE = re.compile(r"expected commit type|dereferences to|is ambiguous")
 # A fetch in a service must never wait for a password nobody will type.
 _NO_PROMPT = {"GIT_TERMINAL_PROMPT": "0", "GCM_INTERACTIVE": "never", "GIT_ASKPASS": "true", "SSH_ASKPASS": "true"}
 
@@ -283,8 +284,10 @@ class GitSource:
             digest = hashlib.sha256(self.repo.encode("utf-8", "surrogateescape")).hexdigest()[:16]
             slug = re.sub(r"[^A-Za-z0-9._-]", "_", _repo_name(self.repo, True))[:40]
             self.folder = Path(cache_dir) / f"{slug}-{digest}.git"
-        # The ownership "program" name: the folder `vmflow apply <checkout>/<path>` would be given.
-        self.program_name = posixpath.basename(self.path) or _repo_name(self.repo, not self.local)
+        # The ownership "program" name: the folder `vmflow apply <checkout>/<path>` would be given, which for
+        # a path naming one `.flow` file is the folder holding it (as `vmflow apply dir/web.flow` names it).
+        folder = posixpath.dirname(self.path) if self.path.endswith(".flow") else self.path
+        self.program_name = posixpath.basename(folder) or _repo_name(self.repo, not self.local)
         self.object_reads = 0  # objects read from the repository; cache hits do not count
         self._repo: git.Repo | None = None
         self._lock = threading.RLock()
@@ -407,9 +410,16 @@ class GitSource:
         status, out, err = self._run("rev-parse", "--verify", "--quiet", spec)
         if status == 0 and _HEX40.fullmatch(out.strip()):
             return out.strip()
-        if err.strip():
+        # A name for something other than a commit, or a short sha of several objects, is the name's
+        # fault, not the repository's: `resolve` says which.
+        if err.strip() and not _NOT_DAMAGE.search(err):
             raise self._damaged(err)
         return None
+
+    def _object_type(self, spec: str) -> str | None:
+        """`commit`, `tree`, `blob` or `tag` for an object the repository has, else None."""
+        status, out, _ = self._run("cat-file", "-t", spec)
+        return out.strip() if status == 0 and out.strip() in ("commit", "tree", "blob", "tag") else None
 
     def _commit_tree(self, sha: str) -> bytes:
         """The root tree's id of a commit known to exist."""
@@ -478,25 +488,76 @@ class GitSource:
         """The full sha of the branch's tip (for a remote: as of the last fetch)."""
         sha = self._rev_parse(f"refs/heads/{self.branch}")
         if sha is None:
-            raise GitError(f"branch `{self.branch}` does not exist in `{self._where()}`", GitErrorKind.NO_BRANCH,
-                           True)
+            raise GitError(f"branch `{self.branch}` does not exist in `{self._where()}` ({self._branches()})",
+                           GitErrorKind.NO_BRANCH, True)
         self._commit_tree(sha)  # the tip's commit object must be readable
         return sha
 
     @_locked
     def resolve(self, ref: str) -> str:
         """Any revision git understands (sha, short sha, branch, tag, `HEAD~1`, `origin/x`) to a full commit sha."""
-        if not ref or ref.startswith("-") or any(c in ref for c in "\0\n\r"):
-            raise GitError(f"`{ref}` is not a revision", GitErrorKind.UNKNOWN_REVISION, False)
+        shown = ref if len(ref) <= 80 else ref[:80] + "…"
+        if not ref or ref.startswith("-") or any(c in ref for c in "\0\n\r") or len(ref) > 4096:
+            raise GitError(f"`{shown}` is not a revision", GitErrorKind.UNKNOWN_REVISION, False)
         if ref in self._commits:
             return ref
         sha = self._rev_parse(f"{ref}^{{commit}}")
         if sha is None:
+            kind = self._object_type(ref)
+            if kind is not None:
+                raise GitError(f"`{shown}` names a {kind}, not a commit", GitErrorKind.UNKNOWN_REVISION, False)
+            if re.fullmatch(r"[0-9a-f]{4,39}", ref) and self._rev_parse(ref) is None:
+                _, _, err = self._run("rev-parse", "--verify", ref)
+                if "ambiguous" in err:
+                    raise GitError(f"`{ref}` is a short sha of several objects: give more of it",
+                                   GitErrorKind.UNKNOWN_REVISION, False)
             # A name that exists but whose object does not is damage, not a typo.
             if not _HEX40.fullmatch(ref) and self._rev_parse(ref) is not None:
-                raise self._damaged(f"`{ref}` names an object the repository does not have")
-            raise GitError(f"unknown revision `{ref}` in `{self._where()}`", GitErrorKind.UNKNOWN_REVISION, False)
+                raise self._damaged(f"`{shown}` names an object the repository does not have")
+            raise GitError(f"unknown revision `{shown}` in `{self._where()}`{self._shallow_hint()}",
+                           GitErrorKind.UNKNOWN_REVISION, False)
         return sha
+
+    def _branches(self) -> str:
+        """The branches there are, for a message about one that is not."""
+        status, out, _ = self._run("for-each-ref", "--count=11", "--format=%(refname:short)", "refs/heads/")
+        names = out.split() if status == 0 else []
+        if not names:
+            return "it has no branches: nothing was committed yet" if status == 0 else "its branches cannot be read"
+        return "its branches: " + ", ".join(f"`{n}`" for n in names[:10]) + (", …" if len(names) > 10 else "")
+
+    def _shallow_hint(self) -> str:
+        """Why a revision may be missing from a shallow clone (CI checkouts are shallow by default), or ""."""
+        status, out, _ = self._run("rev-parse", "--is-shallow-repository")
+        if status != 0 or out.strip() != "true":
+            return ""
+        return (": the repository is a shallow clone, which holds only part of the history; fetch the rest "
+                "(`git fetch --unshallow`, or `fetch-depth: 0` with actions/checkout)")
+
+    @_locked
+    def check(self) -> None:
+        """Raise the GitError that reading a local repository would raise (it does not exist, is not a folder,
+        is not a repository), without touching the network; nothing for a remote, whose mirror is made by
+        `fetch`."""
+        if not self.local:
+            return
+        if not self.folder.exists():
+            raise GitError(f"the repository `{self._where()}` does not exist", GitErrorKind.NOT_A_REPOSITORY, True)
+        if not self.folder.is_dir():
+            raise GitError(f"the repository `{self._where()}` is a file, not a folder", GitErrorKind.NOT_A_REPOSITORY,
+                           True)
+        try:
+            self._open()
+        except GitError as e:
+            # A folder inside a repository is a common slip: name the top and the path to give instead.
+            folder = self.folder.resolve()
+            top = next((d for d in folder.parents if (d / ".git").exists()), None)
+            if top is None:
+                raise
+            rel = posixpath.join(folder.relative_to(top).as_posix(), self.path) if self.path else \
+                folder.relative_to(top).as_posix()
+            raise GitError(f"{e}; it is a folder inside the repository `{top}`: give --repo {top} --path {rel}",
+                           e.kind, e.temporary) from None
 
     def _known(self, rev: str) -> str | None:
         try:

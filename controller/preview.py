@@ -35,7 +35,7 @@ from compiler.source import SourceSet
 from compiler.units import format_bytes, format_duration
 from controller import render_plan
 from controller.domain_xml import applied_owner
-from controller.gitsource import GitError, GitSource
+from controller.gitsource import GitError, GitErrorKind, GitSource
 from controller.plan import Action, Options, Plan, plan
 
 # The Markdown pieces (sections, diff blocks, code spans, fences) and the way bodies are cut are render_plan's,
@@ -336,7 +336,10 @@ def _revision(src: GitSource, ref: str) -> Revision:
         info = src.commit(src.resolve(ref))
     except GitError as e:
         # GitSource names the revision in its own message when it is unknown; other failures need it added.
-        raise PreviewError(str(e) if f"`{ref}`" in str(e) else f"cannot read revision `{ref}`: {e}") from None
+        if e.kind is GitErrorKind.UNKNOWN_REVISION or f"`{ref}`" in str(e):
+            raise PreviewError(str(e)) from None
+        shown = ref if len(ref) <= 80 else ref[:80] + "…"
+        raise PreviewError(f"cannot read revision `{shown}`: {e}") from None
     return Revision(ref, info.sha, info.short, info.subject)
 
 

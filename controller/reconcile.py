@@ -119,6 +119,41 @@ def new_status(program: str, source: GitSource, uri: str | None, settings: Setti
     }
 
 
+def damaged_status(doc: object) -> str | None:
+    """Why a status document read from the store cannot be built on (None: it is absent, or whole enough).
+    The status is the controller's own record, rewritten by every reconcile, so a damaged one is replaced
+    by a new one rather than read half."""
+    if doc is None:
+        return None
+    if not isinstance(doc, dict):
+        return f"it is a JSON {type(doc).__name__}, not an object"
+    for key in ("revisions", "source"):
+        if not isinstance(doc.get(key), dict):
+            return f"`{key}` is missing or not an object"
+    if not isinstance(doc.get("conditions"), list) or not all(isinstance(c, dict) for c in doc["conditions"]):
+        return "`conditions` is missing or not a list of objects"
+    return None
+
+
+def reset_damaged_status(store: Store, program: str, source: GitSource, uri: str | None, settings: Settings
+                         ) -> str | None:
+    """Replace a status document that is not JSON or not shaped like one with a new one (and say so in
+    the events); returns why it was replaced, or None when it was sound or absent. The revisions it held
+    are lost with it: the next reconcile plans against what libvirt holds, so nothing is applied twice."""
+    try:
+        doc = store.get_status(program)
+    except ValueError as e:  # not JSON
+        why = f"it is not JSON ({e})"
+    else:
+        why = damaged_status(doc)
+    if why is None:
+        return None
+    store.put_status(program, new_status(program, source, uri, settings))
+    store.add_event(program, None, "reconcile", "recovered", f"the status document was damaged ({why}); "
+                    "it was written afresh")
+    return why
+
+
 def set_condition(status: dict, kind: str, value: bool, reason: str, message: str, now: float) -> None:
     """Conditions as Flux writes them: the time only moves when the value or the reason changes."""
     conds = [c for c in status["conditions"] if c["type"] != kind]
@@ -149,7 +184,7 @@ class Reconciler:
     # -- status
     def status(self) -> dict:
         doc = self.store.get_status(self.program)
-        if doc is None:
+        if doc is None or damaged_status(doc) is not None:
             doc = new_status(self.program, self.source, self.libvirt_uri, self.settings)
         doc["self_heal"], doc["prune"] = self.settings.self_heal, self.settings.prune
         return doc
@@ -203,9 +238,14 @@ class Reconciler:
         now = time.time()
         status = self.status()
         status["last_reconcile"] = {"at": now, "trigger": trigger, "result": None, "seconds": None}
+        health = status.get("health", MISSING)
         try:
             outcome = self._reconcile(status, revision, trigger, retry_failed, now)
         except TemporaryError as e:
+            if status.get("health") == PROGRESSING:
+                # Cut short after the apply began (libvirt went away while it was observed): no apply runs
+                # any more, and what the VMs are is not known until the retry looks again.
+                status["health"] = health
             set_condition(status, "Ready", False, e.reason, str(e), now)
             set_condition(status, "Reconciling", False, e.reason, "will retry with backoff", now)
             status["last_error"] = {"at": now, "reason": e.reason, "message": str(e)}
@@ -317,6 +357,8 @@ class Reconciler:
                 raise TemporaryError("HypervisorUnavailable", str(e)) from None
             status["last_error"] = {"at": now, "reason": "HypervisorError", "message": str(e)}
             set_condition(status, "Ready", False, "HypervisorError", str(e), now)
+            if any(c["type"] == "Reconciling" and c["status"] for c in status["conditions"]):
+                set_condition(status, "Reconciling", False, "HypervisorError", str(e), now)
             return Outcome("failed", rev, 0.0, message=str(e))
         finally:
             self.store.release(self.program)

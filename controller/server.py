@@ -323,6 +323,9 @@ def _json_object(raw: bytes) -> dict[str, Any]:
         value = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise Refused(400, "malformed JSON body") from None
+    except RecursionError:
+        # A megabyte of `[` parses into arrays nested deeper than Python's stack; no push looks like that.
+        raise Refused(400, "malformed JSON body: nested too deeply") from None
     if not isinstance(value, dict):
         raise Refused(400, "the JSON body must be an object")
     return value
@@ -331,22 +334,36 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 def _push(payload: Mapping[str, Any], following: str) -> tuple[str, str]:
     """(commit, branch) of a push to the followed branch; Ignored for any other push."""
     ref = payload.get("ref")
-    if not isinstance(ref, str) or not ref:
+    if ref is None or ref == "":
         raise Refused(400, "push event without `ref`")
+    if not isinstance(ref, str):
+        raise Refused(400, f"`ref` must be a string, not {_json_type(ref)}")
+    # The answer quotes what the sender wrote, with control characters escaped and not all of a huge one.
     if not ref.startswith("refs/heads/"):
-        raise Ignored(f"`{ref}` is not a branch")
+        raise Ignored(f"`{_escaped(ref)}` is not a branch")
     branch = ref.removeprefix("refs/heads/")
     following = following.removeprefix("refs/heads/")
     if branch != following:
-        raise Ignored(f"push to `{branch}`; the controller follows `{following}`")
+        raise Ignored(f"push to `{_escaped(branch)}`; the controller follows `{following}`")
     after = payload.get("after")
-    if not isinstance(after, str):
+    if after is None:
         raise Refused(400, "push event without `after`")
+    if not isinstance(after, str):
+        raise Refused(400, f"`after` must be a string, not {_json_type(after)}")
     if payload.get("deleted") is True or _ZERO_SHA.fullmatch(after):
         raise Ignored(f"branch `{branch}` was deleted")
     if not _SHA.fullmatch(after):
         raise Refused(400, "`after` is not a commit id")
     return after, branch
+
+
+def _json_type(value: object) -> str:
+    """What a JSON value is, in JSON's words."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "null")
 
 
 def _dig(payload: Mapping[str, Any], *keys: str) -> Any:
@@ -363,6 +380,13 @@ def _printable(value: object, limit: int = 100) -> str:
     if not isinstance(value, str):
         return ""
     return "".join(ch for ch in value if ch.isprintable())[:limit]
+
+
+def _escaped(value: str, limit: int = 100) -> str:
+    """A sender's string in an answer: control characters written as escapes (so `main\\n` does not read as
+    `main`), and not all of a huge one."""
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in value[:limit])
+    return shown + ("…" if len(value) > limit else "")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -419,14 +443,69 @@ def _reason(body: Mapping[str, Any], default: str) -> str:
     if unknown:
         raise Refused(400, f"unknown field `{unknown[0]}`: the body may hold only `reason`")
     reason = body.get("reason", default)
-    if not isinstance(reason, str) or not reason.strip():
+    if not isinstance(reason, str):
         raise Refused(400, "`reason` must be a non-empty string")
     if len(reason) > MAX_REASON:
         raise Refused(400, f"`reason` is longer than {MAX_REASON} characters")
-    return _printable(reason.strip(), MAX_REASON)
+    # Control characters are dropped before the emptiness check: a reason of only those says nothing.
+    reason = _printable(reason, MAX_REASON).strip()
+    if not reason:
+        raise Refused(400, "`reason` must be a non-empty string")
+    return reason
 
 
 # ------------------------------------------------------------------------------------------ serving
+
+
+class ListenError(OSError):
+    """The HTTP port cannot be opened: the address does not resolve, the port is taken or not ours to bind.
+    The message names the address and says why."""
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`127.0.0.1:8787`, `[::1]:8787`, `:8787` for 127.0.0.1) as (host, port); ValueError says
+    what is wrong with it."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        raise ValueError(f"`{text}` is not HOST:PORT (e.g. 127.0.0.1:8787)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"`{text}` is not HOST:PORT: write an IPv6 address in brackets, e.g. [::1]:8787")
+    if not port:
+        raise ValueError(f"`{text}` is not HOST:PORT: the port is missing")
+    if not port.isascii() or not port.isdigit():
+        raise ValueError(f"`{text}` is not HOST:PORT: the port `{port}` is not a number")
+    if int(port) > 65535:
+        raise ValueError(f"`{text}` is not HOST:PORT: the port {port} is beyond 65535")
+    if not host.strip() and host:
+        raise ValueError(f"`{text}` is not HOST:PORT: the host is blank")
+    return host or "127.0.0.1", int(port)
+
+
+def check_listen(host: str, port: int) -> None:
+    """Raise ListenError when `serve` could not listen on host:port now: a name that does not resolve, a port
+    in use or one that needs privileges. Nothing stays bound."""
+    sock = _bind(host, port)
+    sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ListenError(f"cannot listen on {where}: the host `{host}` does not resolve ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    return sock
 
 
 class ServerHandle:
@@ -457,19 +536,18 @@ def serve(app: FastAPI, host: str, port: int) -> ServerHandle:
     """Run `app` on host:port in a daemon thread and return once it accepts connections.
 
     Port 0 picks a free port (`.port` says which). The socket is bound here, in the caller's thread, so an
-    address already in use raises OSError from this call rather than dying quietly in the thread.
+    address already in use raises ListenError (an OSError) from this call rather than dying quietly in the
+    thread. An IPv6 host may come in brackets, as it is written in `--listen`.
     """
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    sock = _bind(host, port)
+    family = sock.family
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
         sock.listen(128)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     bound_host, bound_port = sock.getsockname()[:2]
     config = uvicorn.Config(
         app,

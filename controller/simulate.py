@@ -21,6 +21,7 @@ import gzip
 import math
 import re
 import tempfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,6 +47,9 @@ FORMAT_VERSION = 1
 # 5-minute trace covers `for 5m` windows, and a missing point (a hole in the trace) leaves a window unknown.
 GAP_MARGIN = 1.1
 ACTED = ("applied", "reverted", "rolled-back", "failed")
+# A round costs about half a millisecond: 200,000 (two years of 5-minute samples) take a couple of minutes.
+# More is a mistake (a year-long span at one-second rounds, a date typed wrong), refused rather than run.
+MAX_ROUNDS = 200_000
 
 
 class SimulateError(Exception):
@@ -188,7 +192,8 @@ def parse_time(text: str) -> float | datetime:
         pass
     seconds = _duration(t)
     if seconds is None:
-        raise ValueError(f"`{text}` is neither a duration (`2h`, `1d12h`) nor a date (`2013-08-05T14:00`)")
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise ValueError(f"`{shown}` is neither a duration (`2h`, `1d12h`) nor a date (`2013-08-05T14:00`)")
     return seconds
 
 
@@ -197,37 +202,151 @@ def _duration(text: str) -> float | None:
     parts = re.findall(r"(\d+(?:\.\d+)?)\s*([dhms])", text)
     if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([dhms])", "", text).strip():
         return None
-    return sum(float(n) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    seconds = sum(float(n) * {"d": 86400, "h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    return seconds if math.isfinite(seconds) else None  # four hundred nines are not a duration
 
 
-def _trace_starts(source: ReplaySource) -> dict[str, float]:
+def _trace_starts(source: ReplaySource, files: Mapping[str, Path], stamps: Mapping[Path, dict[str, float]]
+                  ) -> dict[str, float]:
     """Each mapped VM's trace start (its first `timestamp_s`): the replay puts every trace at one simulated
-    start, and this is the time the timeline shows."""
+    start, and this is the time the timeline shows. `files` is each VM's trace file and `stamps` each file's
+    first stamps by trace id, as `check_trace` read them."""
     out: dict[str, float] = {}
-    files: dict[str, dict[str, float]] = {}
     for vm, trace in source.traces.items():
-        file, _, tid = trace.source.rpartition(":")
-        if file not in files:
-            files[file] = _first_stamps(Path(file))
-        if tid in files[file]:
-            out[vm] = files[file][tid]
+        first = stamps.get(files.get(vm), {})
+        tid = trace.source.removeprefix(f"{files.get(vm)}:")
+        if tid in first:
+            out[vm] = first[tid]
     return out
 
 
-def _first_stamps(path: Path) -> dict[str, float]:
+# What a trace may hold. The file is read whole into memory by the replay (about twenty times its size),
+# so it is bounded; a line is bounded so that a file without newlines is not one huge read.
+MAX_TRACE_BYTES = 64 * 1024 * 1024
+MAX_LINE_CHARS = 64 * 1024
+MAX_CORES = 1 << 20
+# Unix seconds that are dates (years 1 to 9999 in UTC, which is how times are shown).
+EARLIEST, LATEST = -62135596800.0, 253402300799.0
+TRACE_COLUMNS = ("timestamp_s", "cpu_cores", "cpu_capacity_mhz", "cpu_usage_mhz", "mem_capacity_kb", "mem_usage_kb",
+                 "disk_read_kbps", "disk_write_kbps", "net_rx_kbps", "net_tx_kbps")
+_VALUE_COLUMNS = TRACE_COLUMNS[2:]
+_RATIOS = (("cpu_usage_mhz", "cpu_capacity_mhz"), ("mem_usage_kb", "mem_capacity_kb"))
+
+
+def trace_files(trace: Path, mapping: Mapping[str, str]) -> dict[str, Path]:
+    """The file each VM's trace is read from, as ReplaySource finds it (a VM whose file is not there is
+    left out: the replay says so)."""
+    out: dict[str, Path] = {}
+    folder = trace if trace.is_dir() else trace.parent
+    for vm, ref in mapping.items():
+        if trace.is_file():
+            out[vm] = folder / ref if (folder / ref).is_file() and (folder / ref) != trace else trace
+            continue
+        found = next((folder / n for n in (ref, f"{ref}.csv", f"{ref}.csv.gz") if (folder / n).is_file()), None)
+        if found is not None:
+            out[vm] = found
+    return out
+
+
+def check_trace(path: Path) -> dict[str, float]:
+    """Read a trace file once, streaming, before the replay loads it: each trace id's first `timestamp_s`,
+    or a SimulateError saying what is wrong and where (`file:line:column`). A trace is refused when it is
+    empty, larger than MAX_TRACE_BYTES once decompressed, not UTF-8 CSV, without a `timestamp_s` column or
+    any metric column, or when a row's time is not a date in Unix seconds, or a value is not a number, is
+    negative or infinite. An empty or `nan` value is a missing sample (a hole), as in the recorded traces."""
     opener = gzip.open if path.suffix == ".gz" else open
     default = path.name.split(".")[0]
     first: dict[str, float] = {}
-    with opener(path, "rt", newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                t = float(row["timestamp_s"])
-            except (KeyError, TypeError, ValueError):
-                continue
-            tid = row.get("trace_id") or default
-            if math.isfinite(t) and t < first.get(tid, math.inf):
-                first[tid] = t
+    line = 0
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8") as f:
+            reader = csv.reader(_bounded_lines(f, path))
+            header = next(reader, None)
+            if header is None:
+                raise SimulateError(f"the trace `{path}` is empty: a trace is a CSV file whose first line names "
+                                    f"its columns ({', '.join(TRACE_COLUMNS)})")
+            if "timestamp_s" not in header:
+                raise SimulateError(f"{path}:1:1: the trace has no `timestamp_s` column (its columns: "
+                                    f"{_listed([f'`{h}`' for h in header])}; a trace has {', '.join(TRACE_COLUMNS)})")
+            if not any(c in header for c in _VALUE_COLUMNS):
+                raise SimulateError(f"{path}:1:1: the trace has no metric column (its columns: "
+                                    f"{_listed([f'`{h}`' for h in header])}; a trace has {', '.join(_VALUE_COLUMNS)})")
+            at = {name: i for i, name in enumerate(header)}
+            for row in reader:
+                line = reader.line_num
+                if not any(cell.strip() for cell in row):
+                    continue
+                t = _cell(path, line, row, at, "timestamp_s", hole=False)
+                if not EARLIEST <= t <= LATEST:
+                    raise SimulateError(f"{_where(path, line, row, at['timestamp_s'])}: `timestamp_s` {t:g} is not a "
+                                        "time: Unix seconds between the years 1 and 9999 are")
+                cores = _cell(path, line, row, at, "cpu_cores")
+                if cores is not None and cores > MAX_CORES:
+                    raise SimulateError(f"{_where(path, line, row, at['cpu_cores'])}: `cpu_cores` {cores:g} is more "
+                                        f"than any machine has (at most {MAX_CORES:,})")
+                values = {c: _cell(path, line, row, at, c) for c in _VALUE_COLUMNS}
+                for usage, capacity in _RATIOS:
+                    u, c = values[usage], values[capacity]
+                    if u is not None and c and not math.isfinite(u / c * 100.0):
+                        raise SimulateError(f"{_where(path, line, row, at[usage])}: `{usage}` {u:g} over "
+                                            f"`{capacity}` {c:g} is not a finite percentage")
+                tid = (row[at["trace_id"]] if "trace_id" in at and at["trace_id"] < len(row) else "") or default
+                if t < first.get(tid, math.inf):
+                    first[tid] = t
+    except UnicodeDecodeError as e:
+        raise SimulateError(f"cannot read the trace `{path}`: it is not UTF-8 text (byte {e.start} of line "
+                            f"{line + 1})") from None
+    except csv.Error as e:
+        raise SimulateError(f"{path}:{line + 1}: not CSV: {e}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise SimulateError(f"cannot read the trace `{path}`: {e}") from None
     return first
+
+
+def _bounded_lines(f, path: Path):
+    """The file's lines, with SimulateError past MAX_LINE_CHARS in one line or MAX_TRACE_BYTES in all."""
+    total, number = 0, 0
+    while True:
+        text = f.readline(MAX_LINE_CHARS + 1)
+        if not text:
+            return
+        number += 1
+        total += len(text)
+        if len(text) > MAX_LINE_CHARS:
+            raise SimulateError(f"{path}:{number}:1: a line longer than {MAX_LINE_CHARS:,} characters: not a trace")
+        if total > MAX_TRACE_BYTES:
+            raise SimulateError(f"the trace `{path}` is larger than {format_bytes(MAX_TRACE_BYTES)} (once "
+                                "decompressed): split it into a folder of one file per trace, and map each")
+        yield text
+
+
+def _where(path: Path, line: int, row: list[str], index: int) -> str:
+    """`file:line:column` of a row's cell (the column counted as written, without quotes)."""
+    return f"{path}:{line}:{1 + sum(len(c) + 1 for c in row[:index])}"
+
+
+def _cell(path: Path, line: int, row: list[str], at: Mapping[str, int], column: str, hole: bool = True
+          ) -> float | None:
+    """A cell as a finite number at least 0 (any for `timestamp_s`), None for a hole (empty, `nan`, or a
+    column the file lacks); SimulateError for anything else."""
+    i = at.get(column)
+    text = row[i].strip() if i is not None and i < len(row) else ""
+    if not text or (hole and text.lower() == "nan"):
+        if hole:
+            return None
+        raise SimulateError(f"{_where(path, line, row, i if i is not None and i < len(row) else len(row))}: "
+                            f"`{column}` is empty: every row needs its time")
+    try:
+        value = float(text)
+    except ValueError:
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise SimulateError(f"{_where(path, line, row, i)}: `{column}` is `{shown}`, not a number") from None
+    if not math.isfinite(value):
+        raise SimulateError(f"{_where(path, line, row, i)}: `{column}` is `{text}`, not a finite number")
+    if value < 0 and column != "timestamp_s":
+        raise SimulateError(f"{_where(path, line, row, i)}: `{column}` is {text}: a recorded amount cannot be "
+                            "negative")
+    return value
 
 
 def _trace_ids(path: Path) -> list[str]:
@@ -251,10 +370,12 @@ def open_replay(trace: Path, mapping: Mapping[str, str], step: float = TRACE_STE
         raise SimulateError(f"the trace `{trace}` does not exist")
     try:
         return ReplaySource(trace, mapping, step=step)
+    except UnicodeDecodeError as e:  # a ValueError too, but a file's fault, not a missing id's
+        raise SimulateError(f"cannot read the trace `{trace}`: it is not UTF-8 text ({e.reason})") from None
     except ValueError as e:
         ids = _trace_ids(trace)
         raise SimulateError(f"{e}" + (f" (it has: {_listed(ids)})" if ids else "")) from None
-    except (OSError, csv.Error, UnicodeDecodeError, EOFError) as e:
+    except (OSError, csv.Error, EOFError, zlib.error) as e:
         raise SimulateError(f"cannot read the trace `{trace}`: {e}") from None
 
 
@@ -287,8 +408,15 @@ def simulate(program_path: Path | str, trace: Path | str, mapping: Mapping[str, 
         raise SimulateError("no VM has a trace: map one with --map VM=TRACE_ID")
     step = TRACE_STEP
     interval = float(interval or step)
+    if not trace.exists():
+        raise SimulateError(f"the trace `{trace}` does not exist")
+    files = trace_files(trace, mapping)
+    stamps = {f: check_trace(f) for f in sorted(set(files.values()))}
+    for f, first in stamps.items():
+        if not first:
+            raise SimulateError(f"the trace `{f}` holds no samples: it has its header line and no rows")
     source = open_replay(trace, mapping, step=step)
-    starts = _trace_starts(source)
+    starts = _trace_starts(source, files, stamps)
     if not any(t.offsets for t in source.traces.values()):
         raise SimulateError(f"the traces {', '.join(f'`{r}`' for r in sorted(set(mapping.values())))} in "
                             f"`{trace}` hold no samples")
@@ -297,8 +425,18 @@ def simulate(program_path: Path | str, trace: Path | str, mapping: Mapping[str, 
     source.start = t0
     sim_start = _at(start, t0, t0)
     sim_end = _at(end, t0, t0 + source.duration)
+    for name, value, at in (("start", start, sim_start), ("end", end, sim_end)):
+        if not EARLIEST <= at <= LATEST:
+            given = f"--{name} {_given(value)} puts" if value is not None else "the trace puts"
+            raise SimulateError(f"{given} the simulation's {name} at {at:.6g} s, which is not a time: Unix seconds "
+                                "between the years 1 and 9999 are")
     if sim_end < sim_start:
         raise SimulateError(f"the simulation would end ({_iso(sim_end)}) before it starts ({_iso(sim_start)})")
+    rounds = math.floor((sim_end - sim_start) / interval + 1e-9) + 1
+    if rounds > MAX_ROUNDS:
+        raise SimulateError(f"the simulation would take {rounds:,} rounds ({duration(round(sim_end - sim_start))}, "
+                            f"a round every {duration(interval)}); at most {MAX_ROUNDS:,} are run: shorten it with "
+                            "--start and --end, or give a longer --interval")
     max_gap = step * GAP_MARGIN
 
     with tempfile.TemporaryDirectory(prefix="vmflow-simulate-") as tmp:
@@ -308,6 +446,10 @@ def simulate(program_path: Path | str, trace: Path | str, mapping: Mapping[str, 
             return run.go(sim_start, sim_end, trace, starts)
         finally:
             run.close()
+
+
+def _given(value: float | datetime) -> str:
+    return value.isoformat() if isinstance(value, datetime) else duration(round(value)) if value < 1e15 else f"{value:g}s"
 
 
 def _at(value: float | datetime | None, t0: float, default: float) -> float:
