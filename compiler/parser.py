@@ -1,18 +1,21 @@
 """Source text -> `FileAst`: the only module that sees Lark.
 
-The grammar (grammar/flow.lark) is loaded once per process with the LALR parser and an inline
-transformer, so no parse tree is ever built: each rule reduces straight into its AST node. lark-cython
-replaces the LALR loop when it is installed. Syntax errors become F1xx diagnostics that say, in words,
-what was expected; the Lark tree and Lark's exceptions never leave this module.
+The grammar (grammar/flow.lark) is loaded once per process with the LALR parser, and each rule's
+reduction calls a builder method directly, so no parse tree is ever built: each rule reduces straight into
+its AST node. lark-cython replaces the lexer and the LALR loop when it is installed. Syntax errors become
+F1xx diagnostics that say, in words, what was expected; the Lark tree and Lark's exceptions never leave this
+module.
 """
 
 from __future__ import annotations
 
 import re
 from functools import lru_cache
+from operator import itemgetter
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.grammar import Rule
 
 import grammar
 from compiler import ast as A
@@ -25,7 +28,8 @@ MAX_DEPTH = 64
 # A program is text a person reviews; past this a file is refused before it is lexed (F106).
 MAX_FILE_BYTES = 64 * 1024 * 1024
 
-_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(.*)", re.S)
+# A QUANTITY token is a number then a unit made of these (grammar/flow.lark): the unit is what they strip.
+_UNIT_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz%/"
 
 # How regex terminals read in "expected ..." messages; literal terminals show as themselves.
 _TERMINAL_WORDS = {
@@ -44,37 +48,33 @@ _SPACED_UNIT = re.compile(r"([0-9][0-9.]*)\s+(" + "|".join(sorted(_UNITS, key=le
 _TOP_KEYWORDS = ("import", "pool", "vm", "chain", "template", "use", "reserve")
 
 
-def _span(file: str, first, last) -> A.Span:
-    return A.Span(file, _start(first), _end(last))
-
-
-# Tokens come from Lark or from lark-cython (a different class, not a str): read them by attribute only.
-def _start(x) -> int:
-    span = getattr(x, "span", None)
-    return x.start_pos if span is None else span.start
-
-
-def _end(x) -> int:
-    span = getattr(x, "span", None)
-    return x.end_pos if span is None else span.end
+# Spans are built as the tuples they are: `A.Span(...)` goes through the named tuple's Python `__new__`, which
+# costs twice as much, and the parser builds one for every node and name.
+_new_tuple = tuple.__new__
+_Span = A.Span
 
 
 def _depth(*children) -> int:
     return 1 + max((getattr(c, "depth", 0) for c in children if c is not None), default=0)
 
 
-@v_args(inline=True)
-class _ToAst(Transformer):
-    """Builds AST nodes during the LALR reductions. `file` is set before each parse."""
+class _ToAst:
+    """Builds AST nodes during the LALR reductions: one method per rule (or alias), called with the rule's
+    children as Lark's inline transformer would pass them (anonymous tokens dropped, `_rules` spliced in,
+    None for an absent `[optional]`). `file` is set before each parse.
+
+    Tokens come from Lark or from lark-cython (a different class, not a str): they are read by attribute only
+    (`value`, `start_pos`, `end_pos`). Each method knows which of its children are tokens and which are nodes,
+    so a span is taken straight from the right attribute.
+    """
 
     def __init__(self) -> None:
-        super().__init__()
         self.file = ""
         self.too_deep: list[A.Span] = []
 
     # -- helpers
-    def _name(self, tok: Token) -> A.Name:
-        return A.Name(tok.value, A.Span(self.file, tok.start_pos, tok.end_pos))
+    def _name(self, tok) -> A.Name:
+        return A.Name(tok.value, _new_tuple(_Span, (self.file, tok.start_pos, tok.end_pos)))
 
     def _limit(self, node):
         if node.depth <= MAX_DEPTH:
@@ -92,39 +92,51 @@ class _ToAst(Transformer):
         return A.Import(s, s.span)
 
     def attr(self, name, value):
-        return A.Attr(self._name(name), value, _span(self.file, name, value))
+        file = self.file
+        return A.Attr(A.Name(name.value, _new_tuple(_Span, (file, name.start_pos, name.end_pos))), value,
+                      _new_tuple(_Span, (file, name.start_pos, value.span.end)))
+
+    def _block(self, cls, name, rest):
+        """`KEYWORD NAME { items }`: rest is the items then the closing brace."""
+        file = self.file
+        start = name.start_pos
+        return cls(A.Name(name.value, _new_tuple(_Span, (file, start, name.end_pos))), rest[:-1],
+                   _new_tuple(_Span, (file, start, rest[-1].end_pos)))
 
     def pool(self, name, *rest):
-        return A.Pool(self._name(name), rest[:-1], _span(self.file, name, rest[-1]))
+        return self._block(A.Pool, name, rest)
 
     def vm(self, name, *rest):
-        return A.Vm(self._name(name), rest[:-1], _span(self.file, name, rest[-1]))
+        return self._block(A.Vm, name, rest)
 
     def disk(self, name, *rest):
-        return A.Disk(self._name(name), rest[:-1], _span(self.file, name, rest[-1]))
+        return self._block(A.Disk, name, rest)
 
     def nic(self, name, *rest):
-        return A.Nic(self._name(name), rest[:-1], _span(self.file, name, rest[-1]))
+        return self._block(A.Nic, name, rest)
 
     def morph(self, name, when, *rest):
         trailing = rest[-1]
         items = rest[:-2]
-        if trailing is not None:
+        if trailing is None:
+            end = rest[-2].end_pos
+        else:
             items = items + (trailing,)
-        last = trailing if trailing is not None else rest[-2]
-        return A.Morph(self._name(name), when, items, _span(self.file, name, last))
+            end = trailing.span.end
+        return A.Morph(self._name(name), when, items, _new_tuple(_Span, (self.file, name.start_pos, end)))
 
     def adjust(self, target, op, value, limit_kind, limit):
-        last = limit if limit is not None else value
+        end = limit.span.end if limit is not None else value.span.end
         return A.Adjust(self._name(target), op.value, value, limit_kind.value if limit_kind else None, limit,
-                        _span(self.file, target, last))
+                        _new_tuple(_Span, (self.file, target.start_pos, end)))
 
     def attach_disk(self, name, *rest):
-        disk = A.Disk(self._name(name), rest[:-1], _span(self.file, name, rest[-1]))
+        disk = self._block(A.Disk, name, rest)
         return A.AttachDisk(disk, disk.span)
 
     def detach(self, device, name):
-        return A.Detach(device.value, self._name(name), _span(self.file, device, name))
+        return A.Detach(device.value, self._name(name),
+                        _new_tuple(_Span, (self.file, device.start_pos, name.end_pos)))
 
     def swap(self, image):
         n = self._name(image)
@@ -138,37 +150,43 @@ class _ToAst(Transformer):
 
     # -- chains
     def chain(self, name, *rest):
-        return A.Chain(self._name(name), rest[:-1], _span(self.file, name, rest[-1]))
+        return self._block(A.Chain, name, rest)
 
     def step(self, name, image, *rest):
-        return A.Step(self._name(name), self._name(image), rest[:-1], _span(self.file, name, rest[-1]))
+        return A.Step(self._name(name), self._name(image), rest[:-1],
+                      _new_tuple(_Span, (self.file, name.start_pos, rest[-1].end_pos)))
 
     def morph_step(self, name, vm, *rest):
-        return A.MorphStep(self._name(name), self._name(vm), rest[:-1], _span(self.file, name, rest[-1]))
+        return A.MorphStep(self._name(name), self._name(vm), rest[:-1],
+                           _new_tuple(_Span, (self.file, name.start_pos, rest[-1].end_pos)))
 
     def io(self, direction, *names):
-        return A.Io(direction.value, tuple(self._name(n) for n in names), _span(self.file, direction, names[-1]))
+        return A.Io(direction.value, tuple(self._name(n) for n in names),
+                    _new_tuple(_Span, (self.file, direction.start_pos, names[-1].end_pos)))
 
     def edge(self, first, *rest):
         when = rest[-1]
         path = (first,) + tuple(t for t in rest[:-1] if t.type == "NAME")
-        last = when if when is not None else path[-1]
-        return A.Edge(tuple(self._name(n) for n in path), when, _span(self.file, first, last))
+        end = when.span.end if when is not None else path[-1].end_pos
+        return A.Edge(tuple(self._name(n) for n in path), when, _new_tuple(_Span, (self.file, first.start_pos, end)))
 
     # -- templates and reservations
     def template(self, name, *rest):
         params = tuple(p for p in rest if isinstance(p, A.Param))
         items = tuple(i for i in rest[:-1] if i is not None and not isinstance(i, A.Param))
-        return A.Template(self._name(name), params, items, _span(self.file, name, rest[-1]))
+        return A.Template(self._name(name), params, items,
+                          _new_tuple(_Span, (self.file, name.start_pos, rest[-1].end_pos)))
 
     def param(self, name, default):
-        return A.Param(self._name(name), default, _span(self.file, name, default if default is not None else name))
+        end = default.span.end if default is not None else name.end_pos
+        return A.Param(self._name(name), default, _new_tuple(_Span, (self.file, name.start_pos, end)))
 
     def use(self, template, name, *rest):
-        return A.Use(self._name(template), self._name(name), rest[:-1], _span(self.file, template, rest[-1]))
+        return A.Use(self._name(template), self._name(name), rest[:-1],
+                     _new_tuple(_Span, (self.file, template.start_pos, rest[-1].end_pos)))
 
     def reserve(self, name, *rest):
-        return A.Reserve(self._name(name), rest[:-1], _span(self.file, name, rest[-1]))
+        return self._block(A.Reserve, name, rest)
 
     # -- expressions
     def or_(self, left, right):
@@ -184,45 +202,127 @@ class _ToAst(Transformer):
         else:
             operands = (left, right)
         depth = max(left.depth if isinstance(left, A.BoolOp) and left.op == op else _depth(left), _depth(right))
-        return self._limit(A.BoolOp(op, operands, A.Span(self.file, left.span.start, right.span.end), depth))
+        return self._limit(A.BoolOp(op, operands, _new_tuple(_Span, (self.file, left.span.start, right.span.end)),
+                                    depth))
 
     def not_(self, keyword, operand):
-        return self._limit(A.Not(operand, _span(self.file, keyword, operand), _depth(operand)))
+        return self._limit(A.Not(operand, _new_tuple(_Span, (self.file, keyword.start_pos, operand.span.end)),
+                                 _depth(operand)))
 
     def compare(self, left, op, right, window):
         w = self.quantity(window) if window is not None else None
-        last = w if w is not None else right
-        return self._limit(A.Compare(left, op.value, right, w, _span(self.file, left, last), _depth(left, right)))
+        end = (w if w is not None else right).span.end
+        return self._limit(A.Compare(left, op.value, right, w, _new_tuple(_Span, (self.file, left.span.start, end)),
+                                     _depth(left, right)))
 
     def range(self, low, high):
-        return self._limit(A.Range(low, high, _span(self.file, low, high), _depth(low, high)))
+        return self._limit(A.Range(low, high, _new_tuple(_Span, (self.file, low.span.start, high.span.end)),
+                                   _depth(low, high)))
 
     def running(self, call, negated):
         return self._limit(A.AppRunning(call, negated is not None, call.span, _depth(call)))
 
     def group(self, lpar, inner, rpar):
-        return self._limit(A.Group(inner, _span(self.file, lpar, rpar), _depth(inner)))
+        return self._limit(A.Group(inner, _new_tuple(_Span, (self.file, lpar.start_pos, rpar.end_pos)),
+                                   _depth(inner)))
 
     def list_(self, lsqb, *rest):
         items = tuple(i for i in rest[:-1] if i is not None)
-        return self._limit(A.ListExpr(items, _span(self.file, lsqb, rest[-1]), _depth(*items)))
+        return self._limit(A.ListExpr(items, _new_tuple(_Span, (self.file, lsqb.start_pos, rest[-1].end_pos)),
+                                      _depth(*items)))
 
     def call(self, name, *args):
         args = tuple(a for a in args if a is not None)
-        last = args[-1] if args else name
-        return self._limit(A.Call(self._name(name), args, _span(self.file, name, last), _depth(*args)))
+        end = args[-1].span.end if args else name.end_pos
+        return self._limit(A.Call(self._name(name), args, _new_tuple(_Span, (self.file, name.start_pos, end)),
+                                  _depth(*args)))
 
     def quantity(self, tok):
         text = tok.value
-        number, unit = _QUANTITY.match(text).groups()
-        return A.Quantity(text, number, unit, A.Span(self.file, tok.start_pos, tok.end_pos))
+        number = text.rstrip(_UNIT_CHARS)
+        return A.Quantity(text, number, text[len(number):],
+                          _new_tuple(_Span, (self.file, tok.start_pos, tok.end_pos)))
 
     def string(self, tok):
         text = tok.value
-        return A.String(_unescape(text[1:-1]), text, A.Span(self.file, tok.start_pos, tok.end_pos))
+        return A.String(_unescape(text[1:-1]), text, _new_tuple(_Span, (self.file, tok.start_pos, tok.end_pos)))
 
     def ref(self, tok):
-        return A.Ref(tok.value, A.Span(self.file, tok.start_pos, tok.end_pos))
+        return A.Ref(tok.value, _new_tuple(_Span, (self.file, tok.start_pos, tok.end_pos)))
+
+
+def _reducers(rules, builder) -> dict:
+    """The LALR parser's callbacks, one per grammar rule: what Lark's inline transformer does, without its
+    per-reduction layers (child filter, argument wrapper, a tree for every `_rule` and repetition).
+
+    Each rule's children are known in advance, so each callback is one small function compiled for it:
+    anonymous tokens are dropped, `_rules` and repetitions are spliced into their parent, an absent
+    `[optional]` is None, and a `?rule` left with one child passes it through; any other rule calls the
+    builder's method named after the rule (or its alias).
+    """
+    by_origin: dict[str, list] = {}
+    for r in rules:
+        by_origin.setdefault(r.origin.name, []).append(r)
+
+    def slots(rule) -> list:
+        """(index, splice) for each child the builder sees, None for a placeholder."""
+        empty = rule.options.empty_indices
+        nones = [0] * (len(rule.expansion) + 1)
+        if empty:  # False for each symbol of the expansion, True for each absent optional before it
+            i = 0
+            for absent in empty:
+                if absent:
+                    nones[i] += 1
+                else:
+                    i += 1
+        out: list = []
+        for i, sym in enumerate(rule.expansion):
+            out += [None] * nones[i]
+            if not (sym.is_term and sym.filter_out):
+                out.append((i, not sym.is_term and sym.name.startswith("_") and not single(sym.name)))
+        return out + [None] * nones[-1]
+
+    singles: dict[str, bool] = {}
+
+    def single(name: str) -> bool:
+        """An inlined rule that always stands for exactly one child: it passes that child on as it is."""
+        if name not in singles:
+            singles[name] = False  # a rule that reaches itself is a repetition
+            singles[name] = all(len(s) == 1 and s[0] is not None and not s[0][1]
+                                for s in map(slots, by_origin[name]))
+        return singles[name]
+
+    def arg(slot) -> str:
+        return "None" if slot is None else f"*c[{slot[0]}]" if slot[1] else f"c[{slot[0]}]"
+
+    out = {}
+    for rule in rules:
+        name = rule.origin.name
+        ss = slots(rule)
+        args = ", ".join(map(arg, ss))
+        env: dict = {}
+        if name.startswith("_") and single(name):
+            out[rule] = itemgetter(ss[0][0])
+            continue
+        if name.startswith("_"):
+            if ss and ss[0] == (0, True) and rule.expansion[0].name == name:  # `__items: __items item`
+                rest = ", ".join(map(arg, ss[1:]))  # grow the list in place, as Lark's child filter does
+                src = f"def f(c):\n    l = c[0]\n    l += ({rest},)\n    return l" if rest else \
+                    "def f(c):\n    return c[0]"
+            else:
+                src = f"def f(c):\n    return [{args}]"
+        elif rule.options.expand1 and not rule.alias:
+            if len(ss) == 1 and ss[0] is not None and not ss[0][1]:
+                out[rule] = itemgetter(ss[0][0])
+                continue
+            env["m"] = getattr(builder, name)  # how many children is only known once they are spliced
+            src = f"def f(c):\n    k = [{args}]\n    return k[0] if len(k) == 1 else m(*k)"
+        else:
+            env["m"] = getattr(builder, rule.alias or name)
+            src = f"def f(c):\n    return m({args})"
+        exec(compile(src, f"<rule {rule}>", "exec"), env)
+        out[rule] = env["f"]
+    return out
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\", '"': '"'}
@@ -234,8 +334,19 @@ def _unescape(body: str) -> str:
     return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), body)
 
 
+class _Rule(Rule):
+    """A grammar rule compared by identity. Every reduction looks its rule up in the callback table and
+    compares it with the end state; Lark's rules compare by value in Python, which costs about a tenth of
+    the parse. Each rule object is unique once the grammar is loaded, so identity is the same test."""
+
+    __slots__ = ()
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+
+
 class _Parser:
-    """One Lark instance and its transformer; comments are gathered by a lexer callback."""
+    """One Lark instance and the AST builder its reductions call; comments are gathered by a lexer callback."""
 
     def __init__(self, strict: bool = False) -> None:
         self.transformer = _ToAst()
@@ -248,7 +359,6 @@ class _Parser:
             lexer="contextual",
             strict=strict,
             maybe_placeholders=True,
-            transformer=self.transformer,
             lexer_callbacks={"COMMENT": self.comments.append},
             # The grammar analysis is kept in Lark's cache file (keyed on the grammar and these options), so
             # a new process builds the parser in a fraction of the time.
@@ -257,16 +367,26 @@ class _Parser:
         try:  # lark-cython: same grammar and callbacks, the LALR loop in C
             import lark_cython
 
-            self.fast = Lark.open(grammar.PATH, _plugins=lark_cython.plugins, **self.options)
+            self.fast = self._open(_plugins=lark_cython.plugins)
         except ImportError:  # pragma: no cover - the plain-Python parser is the fallback
             self.fast = None
         self._plain: Lark | None = None
+
+    def _open(self, **extra) -> Lark:
+        lark = Lark.open(grammar.PATH, **self.options, **extra)
+        # The parser calls the callbacks from this table (Lark's own would build a tree): ours build the AST.
+        callbacks = lark._callbacks
+        callbacks.clear()
+        for rule in lark.rules:
+            rule.__class__ = _Rule
+        callbacks.update(_reducers(lark.rules, self.transformer))
+        return lark
 
     @property
     def plain(self) -> Lark:
         """The pure-Python parser: the fallback, and the one whose errors say what it expected."""
         if self._plain is None:
-            self._plain = Lark.open(grammar.PATH, **self.options)
+            self._plain = self._open()
             self.terminals = {t.name: t for t in self._plain.terminals}
         return self._plain
 

@@ -10,6 +10,11 @@ of a git repository read straight from its objects (`compile_tree`, fed by contr
 named in diagnostics relative to the working folder for the filesystem, and relative to the repository's top
 for a revision, so that a pull-request annotation points at the right file. Since the cache is keyed by that
 name and the content's hash, compiling revision B after revision A re-parses only the files that changed.
+The cache keeps the file versions that the last few compilations used, so a long-lived compiler following a
+repository does not keep every version it ever parsed.
+
+A large batch of new files is parsed by this process and forked workers together (one per core), each
+sending back the lowered units of its share.
 
 Where a program finds its image schemas, first match winning on a duplicate id:
   1. the `images/` folder inside the program's directory (in the tree the program is read from),
@@ -20,22 +25,28 @@ Where a program finds its image schemas, first match winning on a duplicate id:
 
 from __future__ import annotations
 
+import copyreg
+import dataclasses
 import gc
 import hashlib
-import multiprocessing
+import io
 import os
+import pickle
 import posixpath
+import signal
+from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import attrgetter
 from pathlib import Path
 from typing import Protocol
 
 from compiler import ast as A
-from compiler import model as M
+from compiler import diagnostics as D
 from compiler import parser, resolve, validate
+from compiler import model as M
 from compiler.diagnostics import Diagnostic, error, has_errors, sort
 from compiler.graph import FlowGraph, build
 from compiler.images import Catalog, load_catalog
@@ -43,6 +54,10 @@ from compiler.source import SourceSet
 
 # Below this much new text, starting worker processes costs more than it saves.
 PARALLEL_MIN_BYTES = 512 * 1024
+# This process's share of a parallel parse, relative to each worker's: a worker's results cost it time to
+# send (and this process time to receive), and a forked worker runs a little slower at first while it copies
+# the pages it writes to.
+SHARE_HERE = 1.2
 BUILTIN_IMAGES = Path(__file__).resolve().parent.parent / "specs" / "images"
 EXTENSION = ".flow"
 
@@ -69,7 +84,8 @@ class Compilation:
         """The FlowGraph, built on first use: the checks run on each chain's own small DAG, so
         validating alone never pays for the whole graph. None when the program has errors."""
         if self._graph is None and self.program is not None and self.ok:
-            self._graph = build(self.program)
+            with _no_gc():
+                self._graph = build(self.program)
         return self._graph
 
 
@@ -81,12 +97,18 @@ class _Entry:
     diagnostics: list[Diagnostic]
     unit: resolve.FileUnit | None = None
     checked: dict[str, list[Diagnostic]] = field(default_factory=dict)  # catalog fingerprint -> diagnostics
+    used: int = 0  # the last compilation that used it
 
 
 FILE, DIR = "file", "dir"
 # Compiled catalogs kept per compiler: one per distinct set of schema folders and contents. A long-lived
 # compiler following a repository sees a new set whenever a revision changes a schema, so the oldest go.
 MAX_CATALOGS = 32
+# File versions kept per compiler: those used by any of the last this many compilations. A controller
+# following a repository compiles each revision, and each revision changes a few files: without a bound it
+# would keep every version of every file it ever parsed. A few compilations back covers a controller that
+# compiles several programs, or goes back and forth between two revisions.
+KEEP_COMPILATIONS = 8
 
 
 class Tree(Protocol):
@@ -293,13 +315,17 @@ def _same(name: str) -> str:
 class Compiler:
     def __init__(self, images: list[Path] | tuple = ()) -> None:
         self.extra_images = list(images)
-        self._cache: dict[tuple[str, str], _Entry] = {}
+        self._cache: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # least recently used first
+        self._compilations = 0
         self._catalogs: dict[tuple, tuple[Catalog, list[Diagnostic], SourceSet]] = {}
 
     # -- files
-    def _entries(self, items: list[tuple[str, bytes]], sources: SourceSet) -> dict[str, _Entry]:
-        """Decode, parse and lower every file, from the cache where the content is unchanged."""
-        out: dict[str, _Entry] = {}
+    def _entries(self, items: list[tuple[str, bytes]], sources: SourceSet,
+                 catalog: Callable[[], Catalog] | None = None) -> dict[str, _Entry]:
+        """Decode, parse and lower every file, from the cache where the content is unchanged. `catalog`
+        gives the image catalog when a large batch is shared with workers: they check their files against
+        it too."""
+        out: dict = {}
         todo: list[tuple[tuple[str, str], str, str]] = []
         for name, data in items:
             key = (name, hashlib.blake2b(data, digest_size=16).hexdigest())
@@ -313,10 +339,23 @@ class Compiler:
             if entry is None:
                 todo.append((key, name, text))
             else:
-                out[name] = entry
-        for key, entry in _parse_all(todo):
+                entry.used = self._compilations
+                self._cache.move_to_end(key)
+            out[name] = entry  # a placeholder keeps the files in the order given
+        for key, entry in _parse_all(todo, catalog):
+            entry.used = self._compilations
             self._cache[key] = out[key[0]] = entry
         return out
+
+    def _forget_old(self) -> None:
+        """Drop the file versions no recent compilation used (the cache is in order of last use)."""
+        oldest = self._compilations - KEEP_COMPILATIONS
+        cache = self._cache
+        while cache:
+            key = next(iter(cache))
+            if cache[key].used > oldest:
+                break
+            del cache[key]
 
     def catalog(self, program_dir: Path) -> tuple[Catalog, list[Diagnostic], SourceSet]:
         return self._catalog(image_dirs(program_dir, self.extra_images))
@@ -425,12 +464,14 @@ class Compiler:
                  image_folders: list, name_of: Callable[[str], str], diags: list[Diagnostic]) -> Compilation:
         """`contents` and `paths` map each file's name in diagnostics to its content and its tree path;
         `name_of` names the files that imports add."""
+        self._compilations += 1
+        self._forget_old()
         sources = SourceSet()
         entries: dict[str, _Entry] = {}
         paths = dict(paths)
         batch = list(contents.items())
         while batch:  # the files given, then what they import, then what those import...
-            new = self._entries(batch, sources)
+            new = self._entries(batch, sources, lambda: self._catalog(image_folders)[0])
             entries.update(new)
             batch = []
             for name, entry in new.items():
@@ -474,12 +515,7 @@ class Compiler:
             if e.unit is None:
                 continue
             if fp not in e.checked:
-                vd: list[Diagnostic] = []
-                for vm in e.unit.vms:
-                    vd.extend(validate.check_vm(vm, catalog))
-                for ch in e.unit.chains:
-                    vd.extend(validate.check_chain(ch, catalog))
-                e.checked = {fp: vd}
+                e.checked = {fp: _check_file(e.unit, catalog)}
             diags.extend(e.checked[fp])
             file_blocks.update(id(v) for v in e.unit.vms)
             file_blocks.update(id(c) for c in e.unit.chains)
@@ -520,47 +556,224 @@ class Compiler:
             diags.append(error("F212", f"import `{raw}` not found", imp.path.span, label="no such file or folder"))
 
 
-def _parse_one(key: tuple[str, str], name: str, text: str) -> tuple[tuple[str, str], _Entry]:
+def _parse_one(key: tuple[str, str], name: str, text: str,
+               catalog: Catalog | None = None) -> tuple[tuple[str, str], _Entry]:
     ast, diags = parser.parse(name, text)
     entry = _Entry(None, diags)
     if ast is not None:
         entry.unit = resolve.lower_file(ast)
+        # The checks assume a file that resolved: with errors, the compilation stops before them anyway.
+        if catalog is not None and not has_errors(entry.unit.diagnostics):
+            entry.checked = {catalog.fingerprint: _check_file(entry.unit, catalog)}
     return key, entry
 
 
-def _parse_chunk(chunk: list[tuple[tuple[str, str], str, str]]) -> list[tuple[tuple[str, str], _Entry]]:
-    with _no_gc():
-        return [_parse_one(*job) for job in chunk]
+def _check_file(unit: resolve.FileUnit, catalog: Catalog) -> list[Diagnostic]:
+    """The checks of a file's own blocks against the catalog: cached with the file."""
+    out: list[Diagnostic] = []
+    for vm in unit.vms:
+        out.extend(validate.check_vm(vm, catalog))
+    for ch in unit.chains:
+        out.extend(validate.check_chain(ch, catalog))
+    return out
 
 
-def _parse_all(todo: list[tuple[tuple[str, str], str, str]]):
-    """Parse and lower files. A large batch is shared with forked workers, one per extra core; this process
-    takes a share too, since its share costs no pickling on the way back."""
-    workers = min(os.cpu_count() or 1, 8)
+def _parse_all(todo: list[tuple[tuple[str, str], str, str]],
+               catalog: Callable[[], Catalog] | None = None) -> list[tuple[tuple[str, str], _Entry]]:
+    """Parse and lower files, in the order given. A large batch is shared with forked workers, one per extra
+    core: each inherits the texts, parses its share, checks its files against the catalog, and sends back
+    the results; this process takes a share too, the largest, since its share costs nothing to send. A
+    worker that fails for any reason has its share parsed here instead, so the outcome never depends on the
+    workers."""
+    workers = _cores()
     size = sum(len(t) for _, _, t in todo)
     if workers < 2 or len(todo) < 2 * workers or size < PARALLEL_MIN_BYTES or not _can_fork():
         return [_parse_one(*job) for job in todo]
-    chunks = [todo[i::workers] for i in range(workers)]
-    with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("fork")) as pool:
-        others = pool.map(_parse_chunk, chunks[1:])
-        mine = _parse_chunk(chunks[0])
-        return mine + [r for part in others for r in part]
+    try:
+        # Loading it first costs little (it is cached), and the checks it allows are then shared too. Should
+        # it fail, it fails again where the compilation needs it, and is reported there.
+        cat = catalog() if catalog is not None else None
+    except Exception:
+        cat = None
+    mine, *theirs = _shares(todo, workers)
+    children = []
+    results: dict[int, tuple[tuple[str, str], _Entry]] = {}
+    try:
+        for share in theirs:
+            children.append((share, _fork(todo, share, cat)))
+        for i in mine:
+            results[i] = _parse_one(*todo[i], cat)
+    except BaseException:  # an interrupt, or a bug in this share: the workers' results will not be needed
+        for _, child in children:
+            _abandon(child)
+        raise
+    sent: list = []
+    try:
+        for share, child in children:
+            sent.append((share, _collect(child)))
+    except BaseException:
+        for _, child in children[len(sent) + 1:]:
+            _abandon(child)
+        raise
+    for share, got in sent:
+        if got is None or len(got) != len(share):
+            got = [_parse_one(*todo[i], cat) for i in share]
+        results.update(zip(share, got))
+    return [results[i] for i in range(len(todo))]
+
+
+def _cores() -> int:
+    try:
+        return min(len(os.sched_getaffinity(0)), 8)
+    except AttributeError:  # pragma: no cover - not on Linux
+        return min(os.cpu_count() or 1, 8)
+
+
+def _shares(todo: list[tuple[tuple[str, str], str, str]], workers: int) -> list[list[int]]:
+    """Indices into `todo`, one list per process, balanced by text size. A worker's results cost it some
+    time to send, and this process some to receive, so the first share, this process's own, is a little
+    larger than the others."""
+    weights = [SHARE_HERE] + [1.0] * (workers - 1)
+    loads = [0] * workers
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    for i in sorted(range(len(todo)), key=lambda i: -len(todo[i][2])):
+        w = min(range(workers), key=lambda w: loads[w] / weights[w])
+        shares[w].append(i)
+        loads[w] += len(todo[i][2])
+    return [sorted(share) for share in shares]
+
+
+def _fork(todo: list[tuple[tuple[str, str], str, str]], share: list[int],
+          catalog: Catalog | None) -> tuple[int, int] | None:
+    """Start a worker on `share` of `todo`, which it inherits with the catalog. Returns its pid and the pipe
+    its results arrive on, or None when it could not be started."""
+    try:
+        r, w = os.pipe()
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    if pid:
+        os.close(w)
+        return pid, r
+    # The worker. Whatever happens, it leaves through os._exit: it must not run the parent's exit handlers
+    # or flush the parent's buffered output a second time. A worker that fails sends nothing.
+    try:
+        os.close(r)
+        data = _pack([_parse_one(*todo[i], catalog) for i in share])
+        with os.fdopen(w, "wb") as out:
+            out.write(data)
+    except BaseException:
+        os._exit(1)
+    os._exit(0)
+
+
+def _collect(child: tuple[int, int] | None) -> list | None:
+    """A worker's results, or None when it sent none. They are written in one piece once all are ready, so
+    results that unpickle are complete whatever became of the worker afterwards."""
+    if child is None:
+        return None
+    pid, r = child
+    try:
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+    except BaseException:
+        _abandon((pid, None))
+        raise
+    _wait(pid)
+    try:
+        return pickle.loads(data) if data else None
+    except Exception:  # a worker that died while writing
+        return None
+
+
+def _abandon(child: tuple[int, int | None] | None) -> None:
+    if child is None:
+        return
+    pid, r = child
+    if r is not None:
+        os.close(r)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:  # pragma: no cover - already gone
+        pass
+    _wait(pid)
+
+
+def _wait(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:  # pragma: no cover - reaped already (SIGCHLD ignored, or a handler of its own)
+        pass
+
+
+# How a worker's results travel: the model's frozen dataclasses are rebuilt by calling the class with their
+# fields, and spans as the tuples they are. Pickle's default for a slotted dataclass sets each field through
+# Python code, which made receiving the results cost more than a tenth of parsing them.
+def _dataclass_reducer(cls):
+    names = [f.name for f in dataclasses.fields(cls)]
+    if len(names) == 1:
+        get = attrgetter(names[0])
+        return lambda o: (cls, (get(o),))
+    get = attrgetter(*names)
+    return lambda o: (cls, get(o))
+
+
+def _span_reducer(span: A.Span):
+    return _tuple_new, (A.Span, tuple(span))
+
+
+_tuple_new = tuple.__new__
+
+
+@lru_cache(maxsize=1)
+def _dispatch() -> dict:
+    table = dict(copyreg.dispatch_table)
+    for module in (A, M, D):
+        for value in vars(module).values():
+            if isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == module.__name__ \
+                    and "__slots__" in vars(value) and all(f.init for f in dataclasses.fields(value)):
+                table[value] = _dataclass_reducer(value)
+    table[A.Span] = _span_reducer
+    return table
+
+
+def _pack(results) -> bytes:
+    buf = io.BytesIO()
+    p = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
+    p.dispatch_table = _dispatch()
+    p.dump(results)
+    return buf.getvalue()
 
 
 def _can_fork() -> bool:
-    return "fork" in multiprocessing.get_all_start_methods() and os.environ.get("VMFLOW_NO_FORK") is None
+    return hasattr(os, "fork") and os.environ.get("VMFLOW_NO_FORK") is None
 
 
 @contextmanager
 def _no_gc():
     """Compiling allocates many small objects that form no cycles: the cyclic collector only costs time
-    there (about a third of the parse), so it is paused for the duration."""
+    there (about a third of the parse), so it is paused for the duration.
+
+    What a compilation keeps (the program, spans, cached units) is long-lived and acyclic too. Left in the
+    youngest generation, it would be traversed by the first collection after the pause and again by the
+    next generation's, finding nothing: a tenth of a second for a large program. It is moved straight to the
+    oldest generation instead (freezing then unfreezing does that without a traversal), which full
+    collections still visit. Not when the application keeps objects frozen itself: unfreezing would release
+    them too."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
+            if gc.get_freeze_count() == 0:
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 

@@ -24,6 +24,8 @@ _FUNCS = {"avg", "max", "min", "forecast"}
 _PERCENTILE = re.compile(r"p(\d{1,2}(?:\.\d+)?)$")
 _HEALTH_NAMES = ("agent", "none")
 _FORECASTABLE = ("cpu", "memory", "network", "cost")
+_ALL_DIMS = tuple(Dimension)
+_DEVICE_KINDS = {A.Disk: "disk", A.Nic: "nic", A.Morph: "morph"}
 _DIM_WORDS = {
     Dimension.COUNT: "a plain number",
     Dimension.BYTES: "a size",
@@ -104,16 +106,20 @@ def _wrong(ctx: _Ctx, what: str, expected: str, e: A.Expr) -> None:
     ctx.err("F205", f"{what} takes {expected}, found {_kind_of(e)}", e.span, label=f"expected {expected}")
 
 
+def _expected(dims: tuple[Dimension, ...]) -> str:
+    return " or ".join(f"{_DIM_WORDS[d]} like {d.example}" for d in dims)
+
+
 def _quantity(ctx: _Ctx, what: str, e: A.Expr, dims: tuple[Dimension, ...]) -> tuple[Dimension, float | int] | None:
-    e = _subst(ctx, e)
-    if e is None:
-        return None
-    while isinstance(e, A.Group):
-        e = e.inner
-    expected = " or ".join(f"{_DIM_WORDS[d]} like {d.example}" for d in dims)
-    if not isinstance(e, A.Quantity):
-        _wrong(ctx, what, expected, e)
-        return None
+    if type(e) is not A.Quantity:  # most values are written as a plain quantity: nothing to unwrap
+        e = _subst(ctx, e)
+        if e is None:
+            return None
+        while isinstance(e, A.Group):
+            e = e.inner
+        if not isinstance(e, A.Quantity):
+            _wrong(ctx, what, _expected(dims), e)
+            return None
     conv = convert(e.number, e.unit)
     if conv is None:
         candidates = [u for d in dims for u in known_units(d)]
@@ -122,7 +128,7 @@ def _quantity(ctx: _Ctx, what: str, e: A.Expr, dims: tuple[Dimension, ...]) -> t
         return None
     dim, value = conv
     if dim not in dims:
-        ctx.err("F206", f"{what} takes {expected}, found {_DIM_WORDS[dim]} `{e.text}`", e.span,
+        ctx.err("F206", f"{what} takes {_expected(dims)}, found {_DIM_WORDS[dim]} `{e.text}`", e.span,
                 label=f"this is {_DIM_WORDS[dim]}")
         return None
     if (isinstance(value, float) and not math.isfinite(value)) or value > MAX_VALUE:
@@ -310,8 +316,7 @@ def _operand(ctx: _Ctx, e: A.Expr, data: dict[str, A.Span] | None) -> M.Operand 
         name = _metric_name(ctx, e, data)
         return None if name is None else M.Metric(name, e.span)
     if isinstance(e, A.Quantity):
-        dims = tuple(Dimension)
-        q = _quantity(ctx, "a comparison", e, dims)
+        q = _quantity(ctx, "a comparison", e, _ALL_DIMS)
         return None if q is None else M.Const(q[1], q[0], e.span)
     if isinstance(e, A.String) and data is not None:
         return M.Const(e.value, Dimension.COUNT, e.span)  # a literal compared with data; typed at run time
@@ -588,8 +593,8 @@ def _vm(ctx: _Ctx, v: A.Vm) -> M.VmSpec | None:
     disks, nics, morphs = [], [], []
     names: dict[tuple[str, str], A.Span] = {}
     for it in v.items:
-        if isinstance(it, (A.Disk, A.Nic, A.Morph)):
-            kind = {A.Disk: "disk", A.Nic: "nic", A.Morph: "morph"}[type(it)]
+        kind = _DEVICE_KINDS.get(type(it))
+        if kind is not None:
             key = (kind, it.name.value)
             if key in names:
                 ctx.err("F202", f"{kind} `{it.name.value}` is declared twice in vm `{v.name.value}`",

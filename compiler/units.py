@@ -8,6 +8,7 @@ a mismatch (F206) or an unknown unit (F207) with a suggestion.
 from __future__ import annotations
 
 from enum import Enum
+from functools import lru_cache
 
 
 class Dimension(str, Enum):
@@ -85,6 +86,8 @@ def known_units(dim: Dimension | None = None) -> list[str]:
     return [u for u, (d, _) in UNITS.items() if u and (dim is None or d is dim)]
 
 
+# Both are pure, and a graph or a plan formats the same few sizes and durations for thousands of VMs.
+@lru_cache(maxsize=1024)
 def format_bytes(n: int | float) -> str:
     """Largest binary unit that divides exactly, so `4294967296` prints as `4GiB`."""
     n = int(n)
@@ -95,6 +98,7 @@ def format_bytes(n: int | float) -> str:
     return f"{n}B"
 
 
+@lru_cache(maxsize=1024)
 def format_duration(s: float) -> str:
     for unit, f in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if s and s % f == 0:

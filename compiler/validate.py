@@ -208,11 +208,16 @@ class _Checker:
     # -- chains
     def chain(self, c: M.ChainSpec) -> None:
         steps = {s.name: s for s in c.steps}
-        g = nx.DiGraph()
-        g.add_nodes_from(steps)
+        # A chain has a handful of steps: plain dicts answer reachability faster than a NetworkX graph, which
+        # is built only to name the cycle of a chain that has one.
+        succ: dict[str, dict[str, None]] = {n: {} for n in steps}
+        pred: dict[str, dict[str, None]] = {n: {} for n in steps}
         edge_span = {}
         for e in c.edges:
-            g.add_edge(e.src, e.dst)
+            succ.setdefault(e.src, {})[e.dst] = None
+            pred.setdefault(e.dst, {})[e.src] = None
+            succ.setdefault(e.dst, {})
+            pred.setdefault(e.src, {})
             edge_span.setdefault((e.src, e.dst), e.span)
         images = {}
         for s in c.steps:
@@ -221,22 +226,22 @@ class _Checker:
             if s.replicas is not None and s.replicas.base > s.replicas.bound:
                 self.err("F301", f"step `{s.name}` replicas start above their bound", s.replicas.span,
                          label="base > bound")
-        try:
+        if _has_cycle(succ):
+            g = nx.DiGraph()
+            g.add_nodes_from(steps)
+            g.add_edges_from((e.src, e.dst) for e in c.edges)
             cycle = nx.find_cycle(g)
-        except nx.NetworkXNoCycle:
-            cycle = None
-        if cycle:
             path = [u for u, _ in cycle] + [cycle[0][0]]
             self.err("F308", f"chain `{c.name}` has a cycle: {' -> '.join(path)}", edge_span[cycle[-1]],
                      label="this edge closes the cycle", help="a chain is a DAG: break the cycle, or use `retry`")
             return
         start = c.steps[0].name
-        reach = {start} | nx.descendants(g, start)
+        reach = {start} | _reachable(succ, start)
         for s in c.steps:  # error handlers are entered on failure, and lead on from there
             if s.on_error:
-                reach |= {s.on_error} | nx.descendants(g, s.on_error)
+                reach |= {s.on_error} | _reachable(succ, s.on_error)
         if c.on_error:
-            reach |= {c.on_error} | nx.descendants(g, c.on_error)
+            reach |= {c.on_error} | _reachable(succ, c.on_error)
         for s in c.steps:
             if s.name not in reach:
                 self.err("F309", f"step `{s.name}` is unreachable from `{start}`, where chain `{c.name}` starts",
@@ -256,7 +261,7 @@ class _Checker:
                                  label=f"not an {word} of `{img.id}`",
                                  help=did_you_mean(p.name, theirs) or
                                  f"its {word}s: {', '.join(theirs) or 'none'}")
-            ancestors = nx.ancestors(g, s.name) if s.name not in handlers else set(steps) - {s.name}
+            ancestors = _reachable(pred, s.name) if s.name not in handlers else set(steps) - {s.name}
             for p in s.inputs:
                 producers = [a for a in ancestors if p.name in {o.name for o in steps[a].outputs}]
                 if not producers:
@@ -282,11 +287,42 @@ class _Checker:
         for e in c.edges:
             if e.condition is None:
                 continue
-            available = {o.name for a in nx.ancestors(g, e.dst) | {e.src} for o in steps[a].outputs}
+            available = {o.name for a in _reachable(pred, e.dst) | {e.src} for o in steps[a].outputs}
             for ref in _data_refs(e.condition):
                 if ref.name not in available:
                     self.err("F306", f"branch condition reads `{ref.name}`, which no step before `{e.dst}` produces",
                              ref.span, label="not produced upstream", help=did_you_mean(ref.name, available))
+
+
+def _reachable(adjacent: dict[str, dict[str, None]], node: str) -> set[str]:
+    """The nodes reachable from `node` through `adjacent`, without `node` itself (as NetworkX's
+    `descendants` and, given predecessors, `ancestors`)."""
+    seen: set[str] = set()
+    todo = [node]
+    while todo:
+        for n in adjacent[todo.pop()]:
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    seen.discard(node)
+    return seen
+
+
+def _has_cycle(succ: dict[str, dict[str, None]]) -> bool:
+    """Kahn's algorithm: a graph is acyclic when every node can be removed once its predecessors are."""
+    indegree = dict.fromkeys(succ, 0)
+    for targets in succ.values():
+        for n in targets:
+            indegree[n] += 1
+    free = [n for n, d in indegree.items() if d == 0]
+    removed = 0
+    while free:
+        removed += 1
+        for n in succ[free.pop()]:
+            indegree[n] -= 1
+            if indegree[n] == 0:
+                free.append(n)
+    return removed < len(succ)
 
 
 def _data_refs(c: M.Condition):
