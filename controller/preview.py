@@ -46,11 +46,11 @@ from controller.render_plan import (
     _md_code,
     _md_details,
     _md_fence,
-    _md_fit,
     _md_list,
-    _md_room,
     _md_sections,
     _Section,
+    md_budget,
+    md_pack,
 )
 from controller.state import ActualState, desired_state
 
@@ -583,33 +583,8 @@ def render_markdown(p: Preview, *, live: Plan | None = None, live_uri: str = "",
     def head(i: int, n: int) -> str:
         return marker(p, i) + "\n" + line + (f" · part {i} of {n}" if n > 1 else "")
 
-    budget = max_chars - len(head(10**6, 10**6)) - 2
-    bodies: list[list[str]] = [[]]
-    used = 0
-    for sec in _sections(p, live, live_uri, unmanaged, budget):
-        lines = [_md_clip(x, _md_room(sec, x, budget)) for x in sec.lines]
-        first = True
-        while True:
-            room = budget - used - (1 if bodies[-1] else 0)
-            k = _md_fit(sec, lines, first, room)
-            if sec.whole and bodies[-1] and k < len(lines) and len(sec.render(lines, first)) <= budget:
-                k = 0
-            if k == 0 and (lines or len(sec.render([], first)) > room):
-                if bodies[-1]:
-                    bodies.append([])
-                    used = 0
-                    continue
-                k = min(1, len(lines))
-            block = sec.render(lines[:k], first)
-            used += len(block) + (1 if bodies[-1] else 0)
-            bodies[-1].append(block)
-            lines, first = lines[k:], False
-            if not lines:
-                break
-            bodies.append([])
-            used = 0
-    n = len(bodies)
-    return [head(i, n) + "\n\n" + "\n".join(body) for i, body in enumerate(bodies, 1)]
+    budget = md_budget(head, max_chars)
+    return md_pack(_sections(p, live, live_uri, unmanaged, budget), head, budget)
 
 
 def _fixed(text: str) -> _Section:

@@ -207,11 +207,23 @@ def render_markdown(plan: Plan, *, program: str, unmanaged: int = 0, max_chars: 
     def title(i: int, n: int) -> str:
         return f"### vmflow plan: {_md_code(_md_clip(program, 100))}" + (f" (part {i} of {n})" if n > 1 else "")
 
-    # Room for the longest title a body could get: there are never a million parts.
-    budget = max_chars - len(title(10**6, 10**6)) - 2
+    budget = md_budget(title, max_chars)
+    return md_pack(_md_sections(plan, unmanaged), title, budget)
+
+
+def md_budget(head, max_chars: int) -> int:
+    """The characters a body has for its sections once `head(i, n)` is written above them. Room is kept
+    for the longest head a body could get: there are never a million parts."""
+    return max_chars - len(head(10**6, 10**6)) - 2
+
+
+def md_pack(sections: list[_Section], head, budget: int) -> list[str]:
+    """Fill bodies of at most `budget` characters with the sections in turn, cutting a section between its
+    lines when it does not fit, and put `head(i, n)` above each body. Plans and previews share it, so a
+    preview comment splits as a plan comment does."""
     bodies: list[list[str]] = [[]]
     used = 0
-    for sec in _md_sections(plan, unmanaged):
+    for sec in sections:
         lines = [_md_clip(line, _md_room(sec, line, budget)) for line in sec.lines]
         first = True
         while True:
@@ -234,7 +246,7 @@ def render_markdown(plan: Plan, *, program: str, unmanaged: int = 0, max_chars: 
             bodies.append([])
             used = 0
     n = len(bodies)
-    return [title(i, n) + "\n\n" + "\n".join(body) for i, body in enumerate(bodies, 1)]
+    return [head(i, n) + "\n\n" + "\n".join(body) for i, body in enumerate(bodies, 1)]
 
 
 def _md_fit(sec: _Section, lines: list[str], first: bool, room: int) -> int:
