@@ -526,11 +526,3 @@ def _metric_result(result: str) -> str:
     """The metrics' coarser result: a reconcile that applied nothing (in sync, drift reported, suspended)
     is a noop."""
     return {"synced": "synced", "stalled": "stalled", "failed": "failed"}.get(result, "noop")
-
-
-def changed_actions(p: Plan) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in p.actionable:
-        if c.action is not Action.NOOP:
-            out[c.action.value] = out.get(c.action.value, 0) + 1
-    return out
