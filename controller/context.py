@@ -95,7 +95,7 @@ def image_notes(t: Target, hv: Hypervisor) -> list[str]:
 def options(t: Target, hv: Hypervisor, prune: bool, allow_mass_delete: bool) -> Options:
     pools = {p.name: (p.cpu, p.memory // 1024 if p.memory else None) for p in t.compilation.program.pools.values()}
     return Options(prune=prune, allow_mass_delete=allow_mass_delete,
-                   device_hotplug=hv.capabilities.device_hotplug, cpu_unplug=hv.domain_type == "test", pools=pools)
+                   device_hotplug=hv.capabilities.device_hotplug, cpu_unplug=hv.capabilities.cpu_unplug, pools=pools)
 
 
 def owned(actual: ActualState, program: str) -> ActualState:

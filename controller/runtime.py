@@ -328,7 +328,7 @@ class Runtime:
         have = replace(before, owner=replace(before.owner, morphs=())) if before.owner else before
         p = plan({target.name: target}, ActualState({target.name: have}, (), self.hv.uri),
                  Options(device_hotplug=self.hv.capabilities.device_hotplug,
-                         cpu_unplug=self.hv.domain_type == "test"))
+                         cpu_unplug=self.hv.capabilities.cpu_unplug))
         (change,) = p.changes
         if change.action in (Action.UPDATE_LIVE, Action.UPDATE_RESTART):
             return change, None
