@@ -12,32 +12,24 @@ test` runs both as root). Without them the tests are skipped, and under `CI=true
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-GUEST_DIR = Path(os.environ.get("VMFLOW_GUEST_DIR") or "/var/lib/vmflow-guest")
-URI = "qemu:///system"
-BRIDGE = "vmflowbr0"
-CMDLINE = "console=ttyS0 panic=-1 memhp_default_state=online_movable quiet"
+from tests.integration.harness import (
+    CMDLINE,
+    GUEST_DIR,
+    IMAGE,
+    URI,
+    InGuest,
+    Timings,
+    discard,
+    make_work,
+    open_qemu,
+)
 
-IMAGE = """\
-id: {id}
-os: vmflow-tiny
-source: {{path: root.qcow2}}
-boot: {{kernel: vmlinuz, initrd: initrd.gz, cmdline: "{cmdline}"}}
-resources:
-  cpu: {{min: 1, max: 4}}
-  memory: {{min: 64MiB, max: 512MiB}}
-capabilities: [cpu_hotplug, memory_balloon, disk_hotplug, nic_hotplug, guest_agent]
-roles: [general]
-"""
+BRIDGE = "vmflowbr0"
 
 PROGRAM = """\
 vm {name} {{
@@ -48,46 +40,27 @@ vm {name} {{
 }}
 """
 
-TIMINGS: list[tuple[str, float]] = []
-
-
-def _unavailable(reason: str):
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"the QEMU integration tests cannot run under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+TIMINGS = Timings()
+timed = TIMINGS.timed
 
 
 @pytest.fixture(scope="session")
 def qemu():
-    """Checks libvirtd and the guest (building it when missing and root); a bridge for NIC tests."""
-    from controller.hypervisor import Hypervisor, HypervisorError
-
-    try:
-        hv = Hypervisor(URI)
-    except HypervisorError as e:
-        _unavailable(f"libvirtd is not reachable at {URI} ({e}); run scripts/setup-libvirt.sh as root")
-    if not all((GUEST_DIR / f).is_file() for f in ("vmlinuz", "initrd.gz", "root.qcow2")):
-        if os.geteuid() == 0:
-            subprocess.run([str(ROOT / "scripts" / "build-guest.sh"), str(GUEST_DIR)], check=True)
-        else:
-            _unavailable(f"the tiny guest is not built in {GUEST_DIR}: run scripts/build-guest.sh {GUEST_DIR}")
+    """libvirtd and the guest; a bridge for the NIC tests."""
+    hv = open_qemu()
     if subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True, check=False).returncode != 0:
         subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
     subprocess.run(["ip", "link", "set", BRIDGE, "up"], check=True)
     yield hv
     hv.close()
-    print("\nQEMU integration timings:")
-    for what, seconds in TIMINGS:
-        print(f"  {seconds:6.2f} s  {what}")
+    TIMINGS.report("QEMU integration timings")
 
 
-class World:
+class World(InGuest):
     """The program folder, its state folder and the one VM the tests share."""
 
     def __init__(self, hv) -> None:
-        # QEMU runs as libvirt-qemu: every folder on the way to a disk must be traversable (mkdtemp is 0700).
-        self.work = Path(tempfile.mkdtemp(prefix="vmflow-it-", dir="/var/tmp"))
-        os.chmod(self.work, 0o755)
+        self.work = make_work("vmflow-it-")
         self.prog = self.work / "prog"
         (self.prog / "images").mkdir(parents=True)
         self.state = self.work / "state"
@@ -125,30 +98,6 @@ class World:
         return plan, result
 
     # -- inside the guest
-    def sh(self, script: str) -> tuple[int, str]:
-        code, out, err = self.hv.guest_exec(self.name, ["sh", "-c", script], timeout=20)
-        return code, out + err
-
-    def out(self, script: str) -> str:
-        code, out = self.sh(script)
-        assert code == 0, (script, out)
-        return out.strip()
-
-    def until(self, fn, timeout: float = 30.0, what: str = ""):
-        deadline = time.monotonic() + timeout
-        while True:
-            value = fn()
-            if value:
-                return value
-            assert time.monotonic() < deadline, f"not reached in {timeout} s: {what} (last {value!r})"
-            time.sleep(0.2)
-
-    def online_cpus(self) -> int:
-        return int(self.out("grep -c ^processor /proc/cpuinfo"))
-
-    def memtotal(self) -> int:
-        return int(self.out("grep MemTotal /proc/meminfo").split()[1])
-
     def nginx(self) -> bool:
         return self.sh("pidof nginx")[0] == 0
 
@@ -168,32 +117,10 @@ class World:
 def world(qemu):
     w = World(qemu)
     yield w
-    from controller.hypervisor import HypervisorError
-
-    if os.environ.get("VMFLOW_KEEP_VM"):  # debugging: leave the VM and its files for a look
-        print(f"\nkept {w.name}, files in {w.work}")
-        return
-    try:
-        if qemu.exists(w.name):
-            qemu.stop(w.name)
-            qemu.undefine(w.name)
-    except HypervisorError:
-        pass
     log = w.state / "logs" / f"{w.name}.serial.log"
     if log.exists() and os.environ.get("VMFLOW_KEEP_LOGS"):
         print(log.read_text(errors="replace")[-3000:])
-    shutil.rmtree(w.work, ignore_errors=True)
-
-
-class timed:
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self):
-        self.t = time.monotonic()
-
-    def __exit__(self, *exc):
-        TIMINGS.append((self.what + ("" if exc[0] is None else " [failed]"), time.monotonic() - self.t))
+    discard(qemu, w.name, w.work)
 
 
 def test_create_boots_the_image_with_its_app(world):
