@@ -12,6 +12,10 @@ stay inside the root.
 
 On libvirt's test driver nothing reads these files, so a missing image file is a note, not an error (`strict`
 off), and without `qemu-img` no file is made at all.
+
+`qemu-img` runs once per kind of file: a new qcow2 (empty, or an overlay naming its backing file by absolute
+path) records nothing about its own name or place, so the next one of the same size on the same backing file
+is a byte copy of the first. An apply of many VMs on one image starts one process, not one per VM.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +31,8 @@ from pathlib import Path
 from controller.state import DiskState
 
 ENV_ROOT = "VMFLOW_IMAGE_ROOT"
+# Fresh qcow2 files kept as templates: a few hundred KiB each, one per image (and per data disk size).
+_TEMPLATES_KEPT = 16
 
 
 class ImageError(Exception):
@@ -53,6 +60,8 @@ class ImageRepo:
         self.catalog = catalog
         self.strict = strict  # True on QEMU: a disk that cannot be made is an error
         self.qemu_img = shutil.which("qemu-img")
+        self._templates: dict[tuple, bytes] = {}  # qemu-img arguments (and backing file) -> the file it made
+        self._templates_lock = threading.Lock()  # applies make disks from several threads
 
     # -- where things are
     def _under_root(self, rel: str) -> Path:
@@ -119,6 +128,36 @@ class ImageRepo:
         if r.returncode != 0:
             raise ImageError(f"qemu-img create {' '.join(args)}: {r.stderr.strip()}")
 
+    def _create(self, path: str, size: str | None = None, backing: Path | None = None) -> None:
+        """A new qcow2 at `path`: an overlay of `backing` when given, of `size` when given (else the backing
+        file's). The first file for a given (size, backing file) comes from qemu-img, later ones are copies of
+        it; the backing file's identity is in the key, since its size becomes the overlay's. A path that
+        already exists goes to qemu-img, which refuses a file a running QEMU holds (a copy would not)."""
+        args = (("-F", "qcow2", "-b", str(backing)) if backing is not None else ()) + (path,) + \
+            ((size,) if size else ())
+        if os.path.lexists(path):
+            self._qemu_img(*args)
+            return
+        key = (size, _identity(backing) if backing is not None else None)
+        with self._templates_lock:
+            data = self._templates.get(key)
+            if data is None:
+                self._qemu_img(*args)
+                # Read at once: no QEMU has opened the file yet.
+                self._templates[key] = Path(path).read_bytes()
+                while len(self._templates) > _TEMPLATES_KEPT:
+                    self._templates.pop(next(iter(self._templates)))
+                return
+        try:
+            with open(path, "xb") as f:
+                try:
+                    f.write(data)
+                except OSError:
+                    os.unlink(path)  # not half a disk
+                    raise
+        except OSError as e:
+            raise ImageError(f"cannot write {path}: {e}") from None
+
     def boot_disk(self, vm: str, image_id: str) -> str | None:
         """A new overlay on the image for `vm`'s boot disk; None when there is no file to overlay (and the
         driver does not need one)."""
@@ -131,7 +170,7 @@ class ImageRepo:
         # A new name per overlay: the previous one may still hold snapshots a rollback needs.
         stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{time.monotonic_ns() % 1_000_000:06d}"
         path = self._dir("disks") / f"{vm}-boot-{image_id}-{stamp}.qcow2"
-        self._qemu_img("-F", "qcow2", "-b", str(base), str(path))
+        self._create(str(path), backing=base)
         return str(path)
 
     def data_disk(self, vm: str, disk: DiskState) -> str:
@@ -150,9 +189,9 @@ class ImageRepo:
                 if self.strict:
                     raise ImageError(f"disk source {base} does not exist")
                 return path
-            self._qemu_img("-F", "qcow2", "-b", str(base), path, size)
+            self._create(path, size, backing=base)
         else:
-            self._qemu_img(path, size)
+            self._create(path, size)
         return path
 
     def forget_boot_disks(self, vm: str, in_use: set[str]) -> list[str]:
@@ -175,3 +214,8 @@ class ImageRepo:
                 f.unlink()
                 gone.append(str(f))
         return gone
+
+
+def _identity(f: Path) -> tuple:
+    st = f.stat()
+    return (str(f), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
