@@ -296,7 +296,7 @@ class Applier:
                     self._restart(name, c, want)
                 self._verify(want)
             except (HypervisorError, VerifyError, ImageError) as err:
-                self._rollback(name, snapshot, entry, err)
+                self._rollback(name, snapshot, entry, err, c.before, want)
             self.store.settle(entry, "done")
             self._prune_snapshots(name)
 
@@ -423,7 +423,8 @@ class Applier:
             disk_paths={d.name: repo.data_disk(want.name, d) for d in want.disks}, boot=repo.boot(want.image),
             serial_log=repo.serial_log(want.name) if self.hv.domain_type != "test" else None)
 
-    def _rollback(self, name: str, snapshot: str, entry: int, err: Exception) -> None:
+    def _rollback(self, name: str, snapshot: str, entry: int, err: Exception, before: VmState,
+                  want: VmState) -> None:
         try:
             how = self.hv.revert(name, snapshot)
             self._ensure_running(name)
@@ -431,7 +432,22 @@ class Applier:
             self.store.settle(entry, "failed", f"{err}; reverting to {snapshot} failed too: {undo}")
             raise HypervisorError("rollback", f"{err}; reverting to {snapshot} failed too: {undo}") from None
         self.store.settle(entry, "undone", str(err))
+        self._discard_new_files(name, before, want)
         raise _RolledBack(f"{err}; reverted to snapshot {snapshot}" + (f" ({how})" if how else ""))
+
+    def _discard_new_files(self, name: str, before: VmState, want: VmState) -> None:
+        """After a rollback: the boot overlay (an OS swap) and the data disks the change made, which the
+        reverted VM and its snapshots do not name. Failing here costs disk space, not correctness."""
+        if self.images is None:
+            return
+        had = {d.name for d in before.disks}
+        try:
+            keep = self.hv.disk_files(name)
+        except HypervisorError as e:
+            self.progress(f"  could not list the disk files of {name} to remove the change's new ones: {e}")
+            return
+        for f in self.images.remove_vm_files(name, [d.name for d in want.disks if d.name not in had], keep):
+            self.progress(f"  removed {f}")
 
     def _prune_snapshots(self, name: str) -> None:
         """Keep the newest `keep` vmflow snapshots of a VM; older ones only cost disk space."""

@@ -203,14 +203,17 @@ class ImageRepo:
                 gone.append(str(f))
         return gone
 
-    def remove_vm_files(self, vm: str, data_disks: list[str]) -> list[str]:
-        """Delete the files vmflow made for a VM that is gone: its boot overlays and the named data disks.
-        Only files inside this repository's `disks/` folder are touched."""
-        gone = self.forget_boot_disks(vm, set())
+    def remove_vm_files(self, vm: str, data_disks: list[str], keep: set[str] | frozenset[str] = frozenset()
+                        ) -> list[str]:
+        """Delete the files vmflow made for `vm` that nothing names any more: its boot overlays and the named
+        data disks, except the files in `keep` (what the domain and its snapshots still name; nothing, for a
+        VM that is gone). Only files inside this repository's `disks/` folder are touched."""
+        gone = self.forget_boot_disks(vm, keep)
         disks = (self.state_dir / "disks").resolve()
         for name in data_disks:
-            f = Path(self.data_disk_path(vm, name)).resolve()
-            if f.parent == disks and f.exists():
+            path = self.data_disk_path(vm, name)
+            f = Path(path).resolve()
+            if path not in keep and str(f) not in keep and f.parent == disks and f.exists():
                 f.unlink()
                 gone.append(str(f))
         return gone
