@@ -220,6 +220,11 @@ def test_unhealthy_swap_is_rolled_back(world):
     assert "vmflow.image=b" in world.cmdline()
     vm = world.hv.observe().vms[world.name]
     assert vm.image == "tiny-b" and (vm.uuid, [n.mac for n in vm.nics]) == (uuid, macs)
+    # The overlay made for the failed swap went with the rollback: every disk file is one the domain or
+    # one of its snapshots names.
+    files = {str(f) for f in (world.state / "disks").glob("*.qcow2")}
+    assert not [f for f in files if "-boot-tiny-broken-" in f], files
+    assert files <= world.hv.disk_files(world.name), files
     world.edit("image  = tiny-broken\n", "image  = tiny-b\n")
 
 
@@ -291,3 +296,23 @@ def test_disk_and_nic_detach_are_seen_in_the_guest(world):
     assert macs[0] not in world.out("cat /sys/class/net/*/address").split()
     vm = world.hv.observe().vms[world.name]
     assert (vm.disks, vm.nics) == ((), ())
+
+
+def test_failed_create_leaves_no_vm_and_no_disk_file(world):
+    """A new VM whose health check fails is removed, with the boot overlay and data disk made for it."""
+    new = f"{world.name}-new"
+    block = (f'\nvm {new} {{\n  image  = tiny-broken\n  cpu    = 1\n  memory = 128MiB\n'
+             f'  health = app("nginx") running\n\n  disk extra {{\n    size = 8MiB\n  }}\n}}\n')
+    f = world.prog / "main.flow"
+    f.write_text(f.read_text() + block)
+    try:
+        with timed("create failing app(nginx), removed"):
+            _, result = world.apply(expect="rolled-back")
+        assert "the new VM was removed" in result.outcomes[0].detail
+        assert not world.hv.exists(new)
+        assert list((world.state / "disks").glob(f"{new}-*")) == []
+    finally:
+        f.write_text(f.read_text().replace(block, ""))
+        if world.hv.exists(new):
+            world.hv.stop(new)
+            world.hv.undefine(new)
