@@ -179,6 +179,9 @@ class Applier:
             try:
                 if e.op == "create":
                     self._remove_domain(name)
+                    # Its boot overlay goes too; data disk files are named by the program, which the journal
+                    # does not keep: a later create of the same VM makes them afresh.
+                    self._remove_files(name, [])
                     said.append(f"{e.address}: an interrupted create was rolled back")
                 elif e.op == "delete":
                     self._remove_domain(name)

@@ -21,6 +21,7 @@ is a byte copy of the first. An apply of many VMs on one image starts one proces
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -194,11 +195,21 @@ class ImageRepo:
             self._create(path, size)
         return path
 
-    def forget_boot_disks(self, vm: str, in_use: set[str]) -> list[str]:
+    def _boot_overlay_of(self, vm: str, f: Path) -> bool:
+        """Whether `f` is one of `vm`'s boot overlays, named `<vm>-boot-<image>-<stamp>.qcow2`. VM names may
+        contain `-boot-` themselves: `a-boot-x-boot-img-….qcow2` is VM `a-boot-x`'s overlay of `img`, not
+        VM `a`'s of `x-boot-img`, unless `x-boot-img` is an image of the catalog."""
+        m = _BOOT_OVERLAY.fullmatch(f.name)
+        if m is None or not m.group(1).startswith(f"{vm}-boot-"):
+            return False
+        image = m.group(1)[len(vm) + len("-boot-"):]
+        return (self.catalog is not None and image in self.catalog) or "-boot-" not in image
+
+    def forget_boot_disks(self, vm: str, in_use: set[str] | frozenset[str]) -> list[str]:
         """Delete `vm`'s boot overlays that neither the domain nor any of its snapshots names any more."""
         gone = []
         for f in sorted((self.state_dir / "disks").glob(f"{vm}-boot-*.qcow2")):
-            if str(f) not in in_use:
+            if self._boot_overlay_of(vm, f) and str(f) not in in_use:
                 f.unlink(missing_ok=True)
                 gone.append(str(f))
         return gone
@@ -217,6 +228,10 @@ class ImageRepo:
                 f.unlink()
                 gone.append(str(f))
         return gone
+
+
+# `<vm>-boot-<image>` then the stamp boot_disk() writes: the time to the second and six digits more.
+_BOOT_OVERLAY = re.compile(r"(.+)-\d{8}T\d{6}-\d{6}\.qcow2")
 
 
 def _identity(f: Path) -> tuple:

@@ -292,6 +292,33 @@ def test_interrupted_apply_is_rolled_back_by_the_next_run(prog):
     assert observe(prog).vms["web"].vcpus == 2
 
 
+def test_an_interrupted_create_is_removed_with_its_boot_overlay(prog, tmp_path):
+    """A create killed after its domain was defined: the next run removes the domain and the overlay made
+    for it, then creates the VM afresh."""
+    if shutil.which("qemu-img") is None:
+        unavailable("qemu-img is not installed (scripts/setup-libvirt.sh installs it)")
+    root = tmp_path / "image-root"
+    root.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(root / "linux-base.qcow2"), "1M"], check=True)
+    assert vmflow("apply", ".", "--auto-approve", "--image-root", str(root), cwd=prog).returncode == 0
+    edit(prog, "vm api {", "vm api2 {\n  image  = linux-base\n  cpu    = 1\n  memory = 1GiB\n}\n\nvm api {")
+    t = load(prog, None, None, image_root=root)
+    state = prog / ".vmflow"
+    with Hypervisor(t.uri) as hv:
+        overlay = image_repo(t, hv).boot_disk("api2", "linux-base")
+        open_store(t).intent("dead", "vm.api2", "create", None, None)
+        hv.define(domain_xml.render(t.desired["api2"], domain_type=hv.domain_type, boot_disk=overlay))
+        embedded.save(state, hv.export())  # then the process "died"
+    r = vmflow("apply", ".", "--auto-approve", "--image-root", str(root), cwd=prog)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "recovered: vm.api2: an interrupted create was rolled back" in r.stdout
+    assert "1 applied" in r.stdout
+    assert not Path(overlay).exists()
+    overlays = sorted(f.name for f in (state / "disks").glob("*-boot-*.qcow2"))
+    assert [f.split("-boot-")[0] for f in overlays] == ["api", "api2", "web"], overlays
+    assert observe(prog).vms["api2"].running
+
+
 def test_lock_is_exclusive_and_says_who(prog):
     t = load(prog, None, None)
     store = open_store(t)
