@@ -179,9 +179,7 @@ class Applier:
             try:
                 if e.op == "create":
                     self._remove_domain(name)
-                    # Its boot overlay goes too; data disk files are named by the program, which the journal
-                    # does not keep: a later create of the same VM makes them afresh.
-                    self._remove_files(name, [])
+                    self._remove_files(name)
                     said.append(f"{e.address}: an interrupted create was rolled back")
                 elif e.op == "delete":
                     self._remove_domain(name)
@@ -190,6 +188,7 @@ class Applier:
                     self.hv.revert(name, e.snapshot)
                     if e.op == "update-restart" or not self._running(name):
                         self._ensure_running(name)
+                    self._forget_unused(name)  # what the killed change made
                     said.append(f"{e.address}: an interrupted {e.op} was rolled back to snapshot {e.snapshot}")
                 else:
                     said.append(f"{e.address}: an interrupted {e.op} left nothing to undo")
@@ -299,7 +298,7 @@ class Applier:
                     self._restart(name, c, want)
                 self._verify(want)
             except (HypervisorError, VerifyError, ImageError) as err:
-                self._rollback(name, snapshot, entry, err, c.before, want)
+                self._rollback(name, snapshot, entry, err)
             self.store.settle(entry, "done")
             self._prune_snapshots(name)
 
@@ -378,12 +377,11 @@ class Applier:
     def _delete(self, name: str, address: str, apply_id: str) -> None:
         entry = self.store.intent(apply_id, address, "delete", None, None)
         try:
-            vm = self.hv.observe_vm(name)
             self._remove_domain(name)  # already gone (a recovered run finished it) counts as done
         except HypervisorError as err:
             self.store.settle(entry, "failed", str(err))
             raise
-        self._remove_files(name, [d.name for d in vm.disks] if vm else [])
+        self._remove_files(name)
         self.store.settle(entry, "done")
 
     def _remove_domain(self, name: str) -> None:
@@ -392,11 +390,27 @@ class Applier:
             self.hv.stop(name)
             self.hv.undefine(name)
 
-    def _remove_files(self, name: str, data_disks: list[str]) -> None:
-        """A VM that is gone leaves no disk files of vmflow's behind (never the image root's)."""
+    def _remove_files(self, name: str) -> None:
+        """A VM that is gone takes its folder of disk files with it (never the image root's). Failing here
+        costs disk space, not correctness: it is said, and the VM's outcome stands."""
         if self.images is not None:
-            for f in self.images.remove_vm_files(name, data_disks):
+            try:
+                for f in self.images.remove_vm(name):
+                    self.progress(f"  removed {f}")
+            except ImageError as e:
+                self.progress(f"  could not remove the disk files of {name}: {e}")
+
+    def _forget_unused(self, name: str) -> None:
+        """Delete the files in the VM's folder that the domain and its snapshots no longer name: an old
+        overlay whose snapshots were pruned, a detached disk, what a rolled-back change made. As above,
+        a failure costs disk space and is said; the next change tries again."""
+        if self.images is None:
+            return
+        try:
+            for f in self.images.forget_unused(name, self.hv.disk_files(name)):
                 self.progress(f"  removed {f}")
+        except (HypervisorError, ImageError) as e:
+            self.progress(f"  could not remove the unused disk files of {name}: {e}")
 
     def _create(self, want: VmState, apply_id: str) -> None:
         want = _with_revision(want, self.revision)
@@ -411,7 +425,7 @@ class Applier:
             except HypervisorError as undo:
                 self.store.settle(entry, "failed", f"{err}; undoing it failed too: {undo}")
                 raise
-            self._remove_files(want.name, [d.name for d in want.disks])
+            self._remove_files(want.name)
             self.store.settle(entry, "undone", str(err))
             raise _RolledBack(f"{err}; the new VM was removed") from None
         self.store.settle(entry, "done")
@@ -426,8 +440,7 @@ class Applier:
             disk_paths={d.name: repo.data_disk(want.name, d) for d in want.disks}, boot=repo.boot(want.image),
             serial_log=repo.serial_log(want.name) if self.hv.domain_type != "test" else None)
 
-    def _rollback(self, name: str, snapshot: str, entry: int, err: Exception, before: VmState,
-                  want: VmState) -> None:
+    def _rollback(self, name: str, snapshot: str, entry: int, err: Exception) -> None:
         try:
             how = self.hv.revert(name, snapshot)
             self._ensure_running(name)
@@ -435,22 +448,8 @@ class Applier:
             self.store.settle(entry, "failed", f"{err}; reverting to {snapshot} failed too: {undo}")
             raise HypervisorError("rollback", f"{err}; reverting to {snapshot} failed too: {undo}") from None
         self.store.settle(entry, "undone", str(err))
-        self._discard_new_files(name, before, want)
+        self._forget_unused(name)  # the change's new overlay and data disks
         raise _RolledBack(f"{err}; reverted to snapshot {snapshot}" + (f" ({how})" if how else ""))
-
-    def _discard_new_files(self, name: str, before: VmState, want: VmState) -> None:
-        """After a rollback: the boot overlay (an OS swap) and the data disks the change made, which the
-        reverted VM and its snapshots do not name. Failing here costs disk space, not correctness."""
-        if self.images is None:
-            return
-        had = {d.name for d in before.disks}
-        try:
-            keep = self.hv.disk_files(name)
-        except HypervisorError as e:
-            self.progress(f"  could not list the disk files of {name} to remove the change's new ones: {e}")
-            return
-        for f in self.images.remove_vm_files(name, [d.name for d in want.disks if d.name not in had], keep):
-            self.progress(f"  removed {f}")
 
     def _prune_snapshots(self, name: str) -> None:
         """Keep the newest `keep` vmflow snapshots of a VM; older ones only cost disk space."""
@@ -462,10 +461,9 @@ class Applier:
         try:
             for old in ours[: max(len(ours) - self.keep, 0)]:
                 self.hv.delete_snapshot(name, old)
-            if self.images is not None:
-                self.images.forget_boot_disks(name, self.hv.disk_files(name))
         except HypervisorError as err:
             self.progress(f"  could not delete old snapshots of {name}: {err}")
+        self._forget_unused(name)
 
 
 class _RolledBack(Exception):

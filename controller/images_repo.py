@@ -1,10 +1,15 @@
 """The image repository: image files under an image root, and the per-VM disk files made from them.
 
-Images are read-only bases. Every VM gets its own files under `<state-dir>/disks/`: a qcow2 overlay of its
-image as its boot disk (serial `vmflow-boot`) and a qcow2 file per data disk (serial = the disk's name).
-qcow2 everywhere because internal snapshots, which apply takes before every change, refuse any other format.
-An OS swap makes a new overlay on the new image and keeps the old one: snapshots taken before the swap live
-inside it, and a rollback needs them.
+Images are read-only bases. Every VM gets its own folder, `<state-dir>/disks/<vm>/`: a qcow2 overlay of its
+image as its boot disk (`boot-<image>-<stamp>.qcow2`, serial `vmflow-boot`) and a qcow2 file per data disk
+(`data-<disk>-<stamp>.qcow2`, serial = the disk's name). qcow2 everywhere because internal snapshots, which
+apply takes before every change, refuse any other format.
+
+A folder per VM makes ownership a matter of where a file is, never of parsing its name (VM names may contain
+`-`, so `a` + `boot-x` and `a-boot` + `x` would read alike). Every file gets a new name, so nothing is ever
+written over: an OS swap keeps the old overlay, and a data disk removed and added again keeps its old file,
+as long as a snapshot a rollback may need still names them. Files in a VM's folder that neither the domain
+nor any snapshot names are deleted after each change; a VM that is gone takes its whole folder with it.
 
 The image root is `--image-root DIR`, else `VMFLOW_IMAGE_ROOT`, else `<state-dir>/images`. Paths in image
 schemas were checked lexically by the compiler; here they are resolved again (symlinks included) and must
@@ -21,7 +26,6 @@ is a byte copy of the first. An apply of many VMs on one image starts one proces
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import threading
@@ -118,8 +122,21 @@ class ImageRepo:
     def serial_log(self, vm: str) -> str:
         return str(self._dir("logs") / f"{vm}.serial.log")
 
-    def data_disk_path(self, vm: str, disk: str) -> str:
-        return str(self.state_dir / "disks" / f"{vm}-{disk}.qcow2")
+    def vm_dir(self, vm: str) -> Path:
+        """`disks/<vm>/`, the folder of every file vmflow makes for `vm` (not created here)."""
+        # The compiler's names cannot hold a `/` or be `.`/`..`; observed names come from libvirt, so check.
+        if not vm or "/" in vm or "\0" in vm or vm in (".", ".."):
+            raise ImageError(f"`{vm}` cannot name a folder under {self.state_dir / 'disks'}")
+        return self.state_dir / "disks" / vm
+
+    def _new_path(self, vm: str, kind: str, name: str) -> Path:
+        self._dir("disks")
+        d = self.vm_dir(vm)
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o755)
+        # A new name every time: a file that an older snapshot names must outlive the change.
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{time.monotonic_ns() % 1_000_000_000:09d}"
+        return d / f"{kind}-{name}-{stamp}.qcow2"
 
     # -- making files
     def _qemu_img(self, *args: str) -> None:
@@ -130,33 +147,37 @@ class ImageRepo:
             raise ImageError(f"qemu-img create {' '.join(args)}: {r.stderr.strip()}")
 
     def _create(self, path: str, size: str | None = None, backing: Path | None = None) -> None:
-        """A new qcow2 at `path`: an overlay of `backing` when given, of `size` when given (else the backing
-        file's). The first file for a given (size, backing file) comes from qemu-img, later ones are copies of
-        it; the backing file's identity is in the key, since its size becomes the overlay's. A path that
-        already exists goes to qemu-img, which refuses a file a running QEMU holds (a copy would not)."""
+        """A new qcow2 at `path`, which must not exist: an overlay of `backing` when given, of `size` when
+        given (else the backing file's). The first file for a given (size, backing file) comes from qemu-img,
+        later ones are copies of it; the backing file's identity is in the key, since its size becomes the
+        overlay's."""
+        if os.path.lexists(path):
+            raise ImageError(f"{path} already exists: vmflow never writes over a disk file")
         args = (("-F", "qcow2", "-b", str(backing)) if backing is not None else ()) + (path,) + \
             ((size,) if size else ())
-        if os.path.lexists(path):
-            self._qemu_img(*args)
-            return
         key = (size, _identity(backing) if backing is not None else None)
         with self._templates_lock:
             data = self._templates.get(key)
             if data is None:
                 self._qemu_img(*args)
-                # Read at once: no QEMU has opened the file yet.
-                self._templates[key] = Path(path).read_bytes()
+                try:
+                    # Read at once: no QEMU has opened the file yet.
+                    self._templates[key] = Path(path).read_bytes()
+                except OSError as e:
+                    raise ImageError(f"cannot read {path} back: {e}") from None
                 while len(self._templates) > _TEMPLATES_KEPT:
                     self._templates.pop(next(iter(self._templates)))
                 return
         try:
-            with open(path, "xb") as f:
-                try:
-                    f.write(data)
-                except OSError:
-                    os.unlink(path)  # not half a disk
-                    raise
+            # 0644 like qemu-img's files: QEMU runs as another user and only reads through the owner's grant.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as e:
+            raise ImageError(f"cannot create {path}: {e}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            Path(path).unlink(missing_ok=True)  # not half a disk
             raise ImageError(f"cannot write {path}: {e}") from None
 
     def boot_disk(self, vm: str, image_id: str) -> str | None:
@@ -169,20 +190,18 @@ class ImageRepo:
                                  + (f" ({base} does not exist)" if base else ""))
             return None
         # A new name per overlay: the previous one may still hold snapshots a rollback needs.
-        stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{time.monotonic_ns() % 1_000_000:06d}"
-        path = self._dir("disks") / f"{vm}-boot-{image_id}-{stamp}.qcow2"
+        path = self._new_path(vm, "boot", image_id)
         self._create(str(path), backing=base)
         return str(path)
 
     def data_disk(self, vm: str, disk: DiskState) -> str:
         """A new qcow2 of the declared size for a data disk (an overlay of its `source` when it has one).
-        Made afresh: a disk being added is empty, whatever a former VM of the same name left behind."""
-        path = self.data_disk_path(vm, disk.name)
+        Without qemu-img on the test driver: the path the file would have, which nothing reads."""
+        path = str(self._new_path(vm, "data", disk.name))
         if self.qemu_img is None:
             if self.strict:
                 raise ImageError("qemu-img is not installed")
             return path
-        self._dir("disks")
         size = f"{max(disk.size_kib, 1)}K"
         if disk.source:
             base = self._under_root(disk.source)
@@ -195,43 +214,41 @@ class ImageRepo:
             self._create(path, size)
         return path
 
-    def _boot_overlay_of(self, vm: str, f: Path) -> bool:
-        """Whether `f` is one of `vm`'s boot overlays, named `<vm>-boot-<image>-<stamp>.qcow2`. VM names may
-        contain `-boot-` themselves: `a-boot-x-boot-img-….qcow2` is VM `a-boot-x`'s overlay of `img`, not
-        VM `a`'s of `x-boot-img`, unless `x-boot-img` is an image of the catalog."""
-        m = _BOOT_OVERLAY.fullmatch(f.name)
-        if m is None or not m.group(1).startswith(f"{vm}-boot-"):
-            return False
-        image = m.group(1)[len(vm) + len("-boot-"):]
-        return (self.catalog is not None and image in self.catalog) or "-boot-" not in image
+    def forget_unused(self, vm: str, in_use: set[str] | frozenset[str]) -> list[str]:
+        """Delete the files in `vm`'s folder that neither the domain nor any of its snapshots names (`in_use`,
+        as `Hypervisor.disk_files` gives it): an OS swap's old overlay once its snapshots are pruned, a
+        detached data disk, what a rolled-back or killed change made."""
+        named = {os.path.realpath(f) for f in in_use}
+        return self._delete(vm, lambda f: os.path.realpath(f) not in named)
 
-    def forget_boot_disks(self, vm: str, in_use: set[str] | frozenset[str]) -> list[str]:
-        """Delete `vm`'s boot overlays that neither the domain nor any of its snapshots names any more."""
+    def remove_vm(self, vm: str) -> list[str]:
+        """Delete `vm`'s folder and every file in it: the VM is gone (deleted, or a create that failed)."""
+        gone = self._delete(vm, lambda _f: True)
+        try:
+            self.vm_dir(vm).rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ImageError(f"cannot remove {self.vm_dir(vm)}: {e}") from None
+        return gone
+
+    def _delete(self, vm: str, unused) -> list[str]:
+        d = self.vm_dir(vm)
         gone = []
-        for f in sorted((self.state_dir / "disks").glob(f"{vm}-boot-*.qcow2")):
-            if self._boot_overlay_of(vm, f) and str(f) not in in_use:
-                f.unlink(missing_ok=True)
+        try:
+            entries = sorted(d.iterdir())
+        except FileNotFoundError:
+            return gone
+        except OSError as e:
+            raise ImageError(f"cannot list {d}: {e}") from None
+        for f in entries:
+            if (f.is_file() or f.is_symlink()) and unused(str(f)):
+                try:
+                    f.unlink(missing_ok=True)  # a symlink goes, never what it points at
+                except OSError as e:
+                    raise ImageError(f"cannot delete {f}: {e}") from None
                 gone.append(str(f))
         return gone
-
-    def remove_vm_files(self, vm: str, data_disks: list[str], keep: set[str] | frozenset[str] = frozenset()
-                        ) -> list[str]:
-        """Delete the files vmflow made for `vm` that nothing names any more: its boot overlays and the named
-        data disks, except the files in `keep` (what the domain and its snapshots still name; nothing, for a
-        VM that is gone). Only files inside this repository's `disks/` folder are touched."""
-        gone = self.forget_boot_disks(vm, keep)
-        disks = (self.state_dir / "disks").resolve()
-        for name in data_disks:
-            path = self.data_disk_path(vm, name)
-            f = Path(path).resolve()
-            if path not in keep and str(f) not in keep and f.parent == disks and f.exists():
-                f.unlink()
-                gone.append(str(f))
-        return gone
-
-
-# `<vm>-boot-<image>` then the stamp boot_disk() writes: the time to the second and six digits more.
-_BOOT_OVERLAY = re.compile(r"(.+)-\d{8}T\d{6}-\d{6}\.qcow2")
 
 
 def _identity(f: Path) -> tuple:

@@ -286,23 +286,8 @@ def plan(desired: dict[str, VmState], actual: ActualState, opts: Options = Optio
                 changes.append(Change(f"vm.{name}", Action.DELETE, actual.vms[name], None,
                                       (Reason.REMOVED_FROM_PROGRAM,)))
     problems.extend(_capacity(desired, opts))
-    problems.extend(_shared_disk_files(desired))
     changes.sort(key=lambda c: c.address)
     return Plan(tuple(changes), tuple(drift), tuple(problems), held, held_because)
-
-
-def _shared_disk_files(desired: dict[str, VmState]) -> list[Problem]:
-    """A data disk's file is `<vm>-<disk>.qcow2` (controller/images_repo.py): vm `a` with disk `x-y` and vm
-    `a-x` with disk `y` would share one file, each VM writing over the other's data."""
-    owner: dict[str, tuple[str, str]] = {}
-    out = []
-    for name in sorted(desired):
-        for d in desired[name].disks:
-            other = owner.setdefault(f"{name}-{d.name}", (name, d.name))
-            if other != (name, d.name):
-                out.append(Problem(f"vm.{name}", f"disk `{d.name}` would share its file `{name}-{d.name}.qcow2` "
-                                   f"with disk `{other[1]}` of vm `{other[0]}`: rename one of the disks"))
-    return out
 
 
 def _capacity(desired: dict[str, VmState], opts: Options) -> list[Problem]:

@@ -186,7 +186,13 @@ def _snapshot(prog: Path) -> dict:
 def _orphans(hv: Hypervisor, disks: Path) -> set[str]:
     """Disk files vmflow made that no domain and no snapshot names."""
     named = set().union(*(hv.disk_files(n) for n in hv.observe().vms))
-    return {str(f) for f in disks.glob("*.qcow2")} - named
+    return {str(f) for f in disks.rglob("*.qcow2")} - named
+
+
+def _lost(hv: Hypervisor, disks: Path) -> set[str]:
+    """Files under `disks/` that a domain or a snapshot names but that are gone: cleanup took too much."""
+    named = set().union(*(hv.disk_files(n) for n in hv.observe().vms))
+    return {f for f in named if f.startswith(str(disks)) and not Path(f).is_file()}
 
 
 def test_every_failing_call_leaves_each_vm_before_or_after(prog, tmp_path):
@@ -214,14 +220,14 @@ def test_every_failing_call_leaves_each_vm_before_or_after(prog, tmp_path):
     state = prog / ".vmflow"
     disks = state / "disks"
     original = (state / "hypervisor.xml").read_text()
-    original_disks = {f.name: f.read_bytes() for f in disks.iterdir()}
-    assert len(original_disks) == 2  # the boot overlays of web and api
+    original_disks = {f.relative_to(disks): f.read_bytes() for f in disks.rglob("*") if f.is_file()}
+    assert sorted(str(f.parent) for f in original_disks) == ["api", "web"]  # their boot overlays
 
     def reset() -> None:
         (state / "hypervisor.xml").write_text(original)
-        for f in disks.iterdir():
-            f.unlink()
+        shutil.rmtree(disks)
         for name, data in original_disks.items():
+            (disks / name).parent.mkdir(parents=True, exist_ok=True)
             (disks / name).write_bytes(data)
 
     said: list[str] = []
@@ -262,6 +268,7 @@ def test_every_failing_call_leaves_each_vm_before_or_after(prog, tmp_path):
             # cleanup needs leaves one, for the next successful change of that VM to remove.
             if failed != "disk_files":
                 assert _orphans(hv, disks) == set(), (n, failed)
+            assert _lost(hv, disks) == set(), (n, failed)
             plan, _ = make_plan(t, hv)
             applier(hv).apply(plan, t.program)
         assert _snapshot(prog) == desired, (n, failed)
@@ -272,6 +279,7 @@ def test_every_failing_call_leaves_each_vm_before_or_after(prog, tmp_path):
             for vm in hv.observe().vms.values():
                 assert len([s for s in vm.snapshots if s.startswith("vmflow-")]) <= 3, (n, vm.name, vm.snapshots)
             assert _orphans(hv, disks) == set(), (n, failed)
+            assert _lost(hv, disks) == set(), (n, failed)
         assert open_store(t).unfinished() == []
         assert list(state.glob(".hypervisor-*.xml")) == []
 
@@ -292,30 +300,36 @@ def test_interrupted_apply_is_rolled_back_by_the_next_run(prog):
     assert observe(prog).vms["web"].vcpus == 2
 
 
-def test_an_interrupted_create_is_removed_with_its_boot_overlay(prog, tmp_path):
-    """A create killed after its domain was defined: the next run removes the domain and the overlay made
-    for it, then creates the VM afresh."""
+def test_an_interrupted_create_is_removed_with_its_files(prog, tmp_path):
+    """A create killed after its domain was defined: the next run removes the domain and the files made
+    for it (boot overlay and data disk), then creates the VM afresh."""
     if shutil.which("qemu-img") is None:
         unavailable("qemu-img is not installed (scripts/setup-libvirt.sh installs it)")
     root = tmp_path / "image-root"
     root.mkdir()
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(root / "linux-base.qcow2"), "1M"], check=True)
     assert vmflow("apply", ".", "--auto-approve", "--image-root", str(root), cwd=prog).returncode == 0
-    edit(prog, "vm api {", "vm api2 {\n  image  = linux-base\n  cpu    = 1\n  memory = 1GiB\n}\n\nvm api {")
+    edit(prog, "vm api {", "vm api2 {\n  image  = linux-base\n  cpu    = 1\n  memory = 1GiB\n"
+                           "  disk logs {\n    size = 1GiB\n  }\n}\n\nvm api {")
     t = load(prog, None, None, image_root=root)
     state = prog / ".vmflow"
     with Hypervisor(t.uri) as hv:
-        overlay = image_repo(t, hv).boot_disk("api2", "linux-base")
+        repo = image_repo(t, hv)
+        want = t.desired["api2"]
+        overlay = repo.boot_disk("api2", "linux-base")
+        data = repo.data_disk("api2", want.disks[0])
         open_store(t).intent("dead", "vm.api2", "create", None, None)
-        hv.define(domain_xml.render(t.desired["api2"], domain_type=hv.domain_type, boot_disk=overlay))
+        hv.define(domain_xml.render(want, domain_type=hv.domain_type, boot_disk=overlay,
+                                    disk_paths={"logs": data}))
         embedded.save(state, hv.export())  # then the process "died"
     r = vmflow("apply", ".", "--auto-approve", "--image-root", str(root), cwd=prog)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "recovered: vm.api2: an interrupted create was rolled back" in r.stdout
     assert "1 applied" in r.stdout
-    assert not Path(overlay).exists()
-    overlays = sorted(f.name for f in (state / "disks").glob("*-boot-*.qcow2"))
-    assert [f.split("-boot-")[0] for f in overlays] == ["api", "api2", "web"], overlays
+    assert not Path(overlay).exists() and not Path(data).exists()
+    files = sorted(str(f.relative_to(state / "disks")) for f in (state / "disks").rglob("*.qcow2"))
+    assert [(f.split("/")[0], f.split("/")[1].split("-")[0]) for f in files] == \
+        [("api", "boot"), ("api2", "boot"), ("api2", "data"), ("web", "boot")], files
     assert observe(prog).vms["api2"].running
 
 

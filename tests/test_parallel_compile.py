@@ -83,8 +83,16 @@ def test_a_worker_that_dies_has_its_share_parsed_here(tmp_path, monkeypatch, for
         raise RuntimeError("the worker fails before sending anything")
 
     monkeypatch.setattr(P, "_pack", broken_pack)
+    received = []
+    real_collect = P._collect
+
+    def collect(child):
+        received.append(real_collect(child))
+        return received[-1]
+    monkeypatch.setattr(P, "_collect", collect)
     assert outcome(tmp_path) == alone
     assert len(forked) == 1
+    assert received == [None]  # the worker did fail: its whole share was parsed here
 
 
 def test_a_valid_program_compiles_the_same_both_ways(tmp_path, monkeypatch, forked):
