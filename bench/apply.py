@@ -245,8 +245,8 @@ def main() -> None:
             (o, lo), (t, lt) = ours[-1], theirs[-1]
             print(f"run {i + 1}: vmflow {o:.1f} s, Ansible {t:.1f} s: {t / o:.2f}x   (libvirtd + QEMU took "
                   f"{lo.hypervisor:.1f} core-s under vmflow, at least {lo.hypervisor / cores:.1f} s on {cores} "
-                  f"cores; others took {lo.other:.1f} core-s during vmflow's run, {lt.other:.1f} during "
-                  f"Ansible's)", flush=True)
+                  f"cores, and {lt.hypervisor:.1f} under Ansible; others took {lo.other:.1f} core-s during "
+                  f"vmflow's run, {lt.other:.1f} during Ansible's)", flush=True)
     o, t = statistics.median(x for x, _ in ours), statistics.median(x for x, _ in theirs)
     ratios = ", ".join(f"{b / a_:.2f}x" for (a_, _), (b, _) in zip(ours, theirs))
     print(f"first apply of {a.vms} VMs on {URI} ({a.guest} guest): vmflow {o:.1f} s, Ansible "
