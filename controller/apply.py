@@ -191,6 +191,8 @@ class Applier:
                     self._forget_unused(name)  # what the killed change made
                     said.append(f"{e.address}: an interrupted {e.op} was rolled back to snapshot {e.snapshot}")
                 else:
+                    if self.hv.exists(name):
+                        self._forget_unused(name)  # a file the change made before it was killed
                     said.append(f"{e.address}: an interrupted {e.op} left nothing to undo")
                 self.store.settle(e.id, "undone", "recovered on the next run")
             except HypervisorError as err:

@@ -333,6 +333,33 @@ def test_an_interrupted_create_is_removed_with_its_files(prog, tmp_path):
     assert observe(prog).vms["api2"].running
 
 
+def test_an_interrupted_update_leaves_no_file_it_made(prog, tmp_path):
+    """An OS swap killed after its new overlay was made, before the domain named it: the next run reverts
+    to the snapshot and deletes the overlay; the VM's old files stay."""
+    if shutil.which("qemu-img") is None:
+        unavailable("qemu-img is not installed (scripts/setup-libvirt.sh installs it)")
+    root = tmp_path / "image-root"
+    root.mkdir()
+    for image in ("linux-base", "linux-base-large"):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(root / f"{image}.qcow2"), "1M"], check=True)
+    assert vmflow("apply", ".", "--auto-approve", "--image-root", str(root), cwd=prog).returncode == 0
+    t = load(prog, None, None, image_root=root)
+    state = prog / ".vmflow"
+    with Hypervisor(t.uri) as hv:
+        old = set(hv.disk_files("web"))
+        hv.snapshot("web", "vmflow-dead")
+        open_store(t).intent("dead", "vm.web", "update-restart", "vmflow-dead", None)
+        new = image_repo(t, hv).boot_disk("web", "linux-base-large")
+        embedded.save(state, hv.export())  # then the process "died"
+    assert Path(new).exists() and old
+    r = vmflow("apply", ".", "--auto-approve", "--image-root", str(root), cwd=prog)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "recovered: vm.web: an interrupted update-restart was rolled back to snapshot vmflow-dead" in r.stdout
+    assert not Path(new).exists()
+    assert all(Path(f).exists() for f in old)
+    assert {str(f) for f in (state / "disks" / "web").iterdir()} == old
+
+
 def test_lock_is_exclusive_and_says_who(prog):
     t = load(prog, None, None)
     store = open_store(t)
