@@ -147,6 +147,14 @@ def run_vmflow(folder: Path, image_root: Path) -> tuple[float, Load]:
     return dt, load
 
 
+def forget_journal(folder: Path) -> None:
+    """vmflow's journal and state go, so the next apply starts afresh; the VMs' disks and logs stay (in
+    folders): Ansible's domains use the same files."""
+    for f in (folder / ".vmflow").glob("*"):
+        if f.is_file():
+            f.unlink()
+
+
 def domain_xmls() -> dict[str, str]:
     """The XML vmflow defined, read back (inactive), so Ansible defines exactly the same domains."""
     import libvirt
@@ -240,19 +248,14 @@ def main() -> None:
             cleanup()
             dt, _ = run_vmflow(folder, image_root)
             print(f"warm-up {i + 1}: vmflow {dt:.1f} s (not counted)", flush=True)
-            for f in (folder / ".vmflow").glob("*"):
-                if f.is_file():
-                    f.unlink()
+            forget_journal(folder)
         for i in range(a.runs):
             cleanup()
             ours.append(run_vmflow(folder, image_root))
             xmls = domain_xmls()
             assert len(xmls) == a.vms, f"vmflow made {len(xmls)} domains"
             cleanup()
-            # vmflow's journal goes; the VMs' disks and logs stay: Ansible's domains use the same files.
-            for f in (folder / ".vmflow").glob("*"):
-                if f.is_file():
-                    f.unlink()
+            forget_journal(folder)
             theirs.append(run_ansible(playbook, xmls, work))
             cleanup()
             (o, lo), (t, lt) = ours[-1], theirs[-1]

@@ -32,6 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from controller.state import DiskState
 
@@ -113,10 +114,14 @@ class ImageRepo:
             out.append("qemu-img is not installed: no disk files are created")
         return out
 
-    def _dir(self, name: str) -> Path:
-        d = self.state_dir / name
+    def _dir(self, *names: str) -> Path:
+        """`<state-dir>/<names…>`, made where missing; every level 0755."""
+        d = self.state_dir
         d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o755)  # QEMU runs as another user (libvirt-qemu) and must reach the files
+        for name in names:
+            d = d / name
+            d.mkdir(exist_ok=True)
+            os.chmod(d, 0o755)  # QEMU runs as another user (libvirt-qemu) and must reach the files
         return d
 
     def serial_log(self, vm: str) -> str:
@@ -130,10 +135,7 @@ class ImageRepo:
         return self.state_dir / "disks" / vm
 
     def _new_path(self, vm: str, kind: str, name: str) -> Path:
-        self._dir("disks")
-        d = self.vm_dir(vm)
-        d.mkdir(exist_ok=True)
-        os.chmod(d, 0o755)
+        d = self._dir("disks", self.vm_dir(vm).name)  # vm_dir refuses a name that is no folder
         # A new name every time: a file that an older snapshot names must outlive the change.
         stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{time.monotonic_ns() % 1_000_000_000:09d}"
         return d / f"{kind}-{name}-{stamp}.qcow2"
@@ -224,15 +226,17 @@ class ImageRepo:
     def remove_vm(self, vm: str) -> list[str]:
         """Delete `vm`'s folder and every file in it: the VM is gone (deleted, or a create that failed)."""
         gone = self._delete(vm, lambda _f: True)
+        d = self.vm_dir(vm)
         try:
-            self.vm_dir(vm).rmdir()
+            d.rmdir()
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise ImageError(f"cannot remove {self.vm_dir(vm)}: {e}") from None
+            raise ImageError(f"cannot remove {d}: {e}") from None
         return gone
 
-    def _delete(self, vm: str, unused) -> list[str]:
+    def _delete(self, vm: str, unused: Callable[[str], bool]) -> list[str]:
+        """Delete the files of `vm`'s folder for which `unused(path)` holds; the paths deleted."""
         d = self.vm_dir(vm)
         gone = []
         try:

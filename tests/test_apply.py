@@ -174,6 +174,17 @@ class Faulty(Hypervisor):
         return call
 
 
+def image_root(tmp_path: Path, *images: str) -> Path:
+    """An image root with a real 1 MiB qcow2 per image, so that apply makes real overlays and data disks."""
+    if shutil.which("qemu-img") is None:
+        unavailable("qemu-img is not installed (scripts/setup-libvirt.sh installs it)")
+    root = tmp_path / "image-root"
+    root.mkdir()
+    for image in images:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(root / f"{image}.qcow2"), "1M"], check=True)
+    return root
+
+
 def _shape(v) -> tuple:
     return (v.vcpus, v.max_vcpus, v.memory_kib, v.running, v.image, tuple(sorted(d.name for d in v.disks)),
             tuple(sorted(n.name for n in v.nics)))
@@ -201,12 +212,7 @@ def test_every_failing_call_leaves_each_vm_before_or_after(prog, tmp_path):
     new VM, a live vCPU change, and a restart with an OS swap, a new data disk, a NIC and more memory; the image files are
     real, so boot overlays and data disks are made, and none is left behind that nothing names. (The test
     driver hot-plugs no devices: the disk and NIC come with the restart; tests/integration covers hotplug.)"""
-    if shutil.which("qemu-img") is None:
-        unavailable("qemu-img is not installed (scripts/setup-libvirt.sh installs it)")
-    root = tmp_path / "image-root"
-    root.mkdir()
-    for image in ("linux-base", "linux-base-large"):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(root / f"{image}.qcow2"), "1M"], check=True)
+    root = image_root(tmp_path, "linux-base", "linux-base-large")
     assert vmflow("apply", ".", "--auto-approve", "--image-root", str(root), cwd=prog).returncode == 0
     edit(prog, "cpu    = 2 .. 8", "cpu    = 4 .. 8")
     edit(prog, "memory = 1GiB .. 4GiB", "memory = 2GiB .. 4GiB\n\n  disk data {\n    size = 1GiB\n  }\n\n"
@@ -303,11 +309,7 @@ def test_interrupted_apply_is_rolled_back_by_the_next_run(prog):
 def test_an_interrupted_create_is_removed_with_its_files(prog, tmp_path):
     """A create killed after its domain was defined: the next run removes the domain and the files made
     for it (boot overlay and data disk), then creates the VM afresh."""
-    if shutil.which("qemu-img") is None:
-        unavailable("qemu-img is not installed (scripts/setup-libvirt.sh installs it)")
-    root = tmp_path / "image-root"
-    root.mkdir()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(root / "linux-base.qcow2"), "1M"], check=True)
+    root = image_root(tmp_path, "linux-base")
     assert vmflow("apply", ".", "--auto-approve", "--image-root", str(root), cwd=prog).returncode == 0
     edit(prog, "vm api {", "vm api2 {\n  image  = linux-base\n  cpu    = 1\n  memory = 1GiB\n"
                            "  disk logs {\n    size = 1GiB\n  }\n}\n\nvm api {")
@@ -336,12 +338,7 @@ def test_an_interrupted_create_is_removed_with_its_files(prog, tmp_path):
 def test_an_interrupted_update_leaves_no_file_it_made(prog, tmp_path):
     """An OS swap killed after its new overlay was made, before the domain named it: the next run reverts
     to the snapshot and deletes the overlay; the VM's old files stay."""
-    if shutil.which("qemu-img") is None:
-        unavailable("qemu-img is not installed (scripts/setup-libvirt.sh installs it)")
-    root = tmp_path / "image-root"
-    root.mkdir()
-    for image in ("linux-base", "linux-base-large"):
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(root / f"{image}.qcow2"), "1M"], check=True)
+    root = image_root(tmp_path, "linux-base", "linux-base-large")
     assert vmflow("apply", ".", "--auto-approve", "--image-root", str(root), cwd=prog).returncode == 0
     t = load(prog, None, None, image_root=root)
     state = prog / ".vmflow"
